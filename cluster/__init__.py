@@ -1,0 +1,1 @@
+"""cohortreg cluster layer (see ../shared/DESIGN.md); populated by later issues."""

@@ -1,0 +1,1 @@
+"""cohortreg pipeline layer (see ../shared/DESIGN.md); populated by later issues."""

@@ -1,0 +1,178 @@
+"""Validated method configurations (pydantic) and their canonical hash.
+
+A method is a list of stages; each stage fits one transform with one objective over a pyramid.
+Configs come from plain dicts or YAML; unknown keys are errors, so a typo never passes silently.
+The canonical hash (sha256 of the sorted, compact JSON of the validated config) names results.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+
+__all__ = [
+    "TermConfig",
+    "OptimizerConfig",
+    "PyramidConfig",
+    "StoppingConfig",
+    "StageConfig",
+    "MethodConfig",
+    "config_hash",
+    "deep_merge",
+    "load_yaml",
+    "validate_config",
+]
+
+MEASURES = ("mse", "ncc", "lncc", "ssim", "mi", "nmi", "ngf")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs", "rmsprop", "adagrad")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TermConfig(_Strict):
+    """One weighted similarity term: ``weight * loss(measure, **params)``."""
+
+    measure: Literal[MEASURES]  # type: ignore[valid-type]
+    weight: float = Field(1.0, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """A ``torch.optim`` optimiser by name; ``params`` go to its constructor."""
+
+    name: Literal[OPTIMIZERS] = "lbfgs"  # type: ignore[valid-type]
+    lr: float = Field(1.0, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PyramidConfig(_Strict):
+    """Downsampling factors (coarse first) and the maximum iterations at each level."""
+
+    factors: list[float] = Field(default_factory=lambda: [4.0, 2.0, 1.0])
+    iterations: list[int] = Field(default_factory=lambda: [50, 30, 20])
+    min_size: int = Field(8, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broadcast_iterations(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("iterations"), int):
+            data = dict(data)
+            data["iterations"] = [data["iterations"]] * len(data.get("factors", [4.0, 2.0, 1.0]))
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "PyramidConfig":
+        if not self.factors:
+            raise ValueError("pyramid needs at least one level")
+        if len(self.iterations) != len(self.factors):
+            raise ValueError(f"pyramid has {len(self.factors)} factors but {len(self.iterations)} iteration counts")
+        if any(f < 1 for f in self.factors):
+            raise ValueError("pyramid factors must be >= 1")
+        if any(i < 0 for i in self.iterations):
+            raise ValueError("iteration counts must be >= 0")
+        return self
+
+
+class StoppingConfig(_Strict):
+    """Stop a level when the loss has not improved by ``rel_tol * |best|`` for ``patience`` iterations."""
+
+    rel_tol: float = Field(1e-6, ge=0)
+    patience: int = Field(10, ge=1)
+
+
+class StageConfig(_Strict):
+    """One transform fitted over one pyramid."""
+
+    transform: Literal["translation", "rigid", "similarity", "affine"]
+    init: Literal["none", "geometry", "moments", "previous"] = "geometry"
+    objective: list[TermConfig] = Field(default_factory=lambda: [TermConfig(measure="ncc")])
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    pyramid: PyramidConfig = Field(default_factory=PyramidConfig)
+    stopping: StoppingConfig = Field(default_factory=StoppingConfig)
+    normalize: Literal["none", "minmax", "percentile"] = "percentile"
+    interpolation: Literal["linear", "nearest"] = "linear"
+
+    @field_validator("objective")
+    @classmethod
+    def _non_empty(cls, v: list[TermConfig]) -> list[TermConfig]:
+        if not v:
+            raise ValueError("objective needs at least one term")
+        return v
+
+
+class MethodConfig(_Strict):
+    """A named registration method: stages run in order, each starting from the previous one."""
+
+    name: str
+    stages: list[StageConfig]
+    seed: int = 0
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[StageConfig]) -> list[StageConfig]:
+        if not v:
+            raise ValueError("a method needs at least one stage")
+        return v
+
+
+def validate_config(data: dict | MethodConfig, source: str = "config") -> MethodConfig:
+    """Validate a plain dict into a :class:`MethodConfig`; errors become :class:`InputError`."""
+    if isinstance(data, MethodConfig):
+        return data
+    try:
+        return MethodConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"{source}: invalid method configuration:\n{exc}") from exc
+
+
+def config_hash(config: MethodConfig) -> str:
+    """Canonical hash (16 hex digits) of a validated config: equal configs, equal hashes."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursive merge: dicts merge by key; ``stages`` lists merge element-wise; other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        elif key == "stages" and isinstance(value, list) and isinstance(out.get(key), list):
+            merged = list(out[key])
+            for i, stage in enumerate(value):
+                if i < len(merged) and isinstance(stage, dict) and isinstance(merged[i], dict):
+                    merged[i] = deep_merge(merged[i], stage)
+                elif i < len(merged):
+                    merged[i] = stage
+                else:
+                    merged.append(stage)
+            out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with clear errors for a missing, unreadable or non-mapping file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config {str(p)!r}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"config {str(p)!r}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"config {str(p)!r}: must hold a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,358 @@
+"""The registration loop: objective + transform + torch optimiser + pyramid + stopping rules.
+
+:func:`register` is the one-call entry point (``from regcore import register``). It never prints;
+progress goes to an optional ``callback(event: dict)`` and to :mod:`logging`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import MethodConfig, OptimizerConfig, StageConfig, config_hash
+from .errors import InputError, RegistrationError
+from .image import Image
+from .intensity import normalize_intensity
+from .io import read_image
+from .losses import build_loss
+from .methods import method_config
+from .pyramid import downsample
+from .sampling import inside_mask, linear_coords, warp_linear
+from .transforms.init import initialize_linear
+from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform
+
+__all__ = ["register", "RegistrationResult", "LevelRecord", "Objective", "build_optimizer", "check_pair"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[dict[str, Any]], None]
+
+_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "lbfgs": torch.optim.LBFGS,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+class Objective(nn.Module):
+    """Weighted sum of similarity terms. ``forward`` returns ``(total, {name: value})``."""
+
+    def __init__(self, terms: list[tuple[str, float, nn.Module]]) -> None:
+        super().__init__()
+        self.names = [n for n, _, _ in terms]
+        self.weights = [float(w) for _, w, _ in terms]
+        self.terms = nn.ModuleList([m for _, _, m in terms])
+        self._takes_spacing = ["spacing" in inspect.signature(m.forward).parameters for m in self.terms]
+
+    def forward(
+        self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None, spacing: tuple[float, ...]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        total = fixed.new_zeros(())
+        parts: dict[str, float] = {}
+        for name, weight, term, takes_spacing in zip(self.names, self.weights, self.terms, self._takes_spacing):
+            value = term(fixed, warped, mask, spacing=spacing) if takes_spacing else term(fixed, warped, mask)
+            parts[name] = float(value.detach())
+            total = total + weight * value
+        return total, parts
+
+    @classmethod
+    def from_config(cls, stage: StageConfig, seed: int) -> "Objective":
+        terms = []
+        for term in stage.objective:
+            params = dict(term.params)
+            if term.measure in ("mi", "nmi"):
+                params.setdefault("seed", seed)
+            try:
+                terms.append((term.measure, term.weight, build_loss(term.measure, **params)))
+            except TypeError as exc:
+                raise InputError(f"objective term {term.measure!r}: bad params {term.params} ({exc})") from exc
+        return cls(terms)
+
+
+def build_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
+    """A torch optimiser from its config (name, learning rate, extra constructor arguments)."""
+    cls = _OPTIMIZERS[config.name]
+    try:
+        return cls(params, lr=config.lr, **config.params)
+    except TypeError as exc:
+        raise InputError(f"optimizer {config.name!r}: bad params {config.params} ({exc})") from exc
+
+
+@dataclass
+class LevelRecord:
+    """What happened at one pyramid level of one stage."""
+
+    stage: int
+    transform: str
+    factor: float
+    size: tuple[int, ...]
+    losses: list[float] = field(default_factory=list)
+    iterations: int = 0
+    stop_reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class RegistrationResult:
+    """The outcome of :func:`register`.
+
+    Attributes:
+        transform: the fitted transform (fixed world -> moving world, mm).
+        warped: moving resampled on the fixed grid (original intensities), ``(1, *fixed.shape)``.
+        displacement: ``u(x) = T(x) - x`` on the fixed grid, ``(D, *fixed.shape)``, world mm,
+            channels ``(x, y[, z])``: what an ITK ``DisplacementFieldTransform`` expects.
+        levels: per stage and pyramid level: losses per iteration, iterations, stop reason.
+    """
+
+    method: str
+    config: MethodConfig
+    config_hash: str
+    transform: LinearTransform
+    warped: Image
+    displacement: Image
+    levels: list[LevelRecord]
+    seconds: float
+    device: str
+
+    @property
+    def iterations(self) -> int:
+        return sum(level.iterations for level in self.levels)
+
+    @property
+    def final_loss(self) -> float:
+        for level in reversed(self.levels):
+            if level.losses:
+                return level.losses[-1]
+        return math.nan
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready record: method, full config, hash, losses per level, iterations, time, device."""
+        return {
+            "method": self.method,
+            "config": self.config.model_dump(mode="json"),
+            "config_hash": self.config_hash,
+            "levels": [asdict(level) for level in self.levels],
+            "loss_per_level": [level.losses[-1] if level.losses else None for level in self.levels],
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+            "device": self.device,
+            "transform": self.transform.describe(),
+        }
+
+
+def _as_image(value: Image | str | Path, name: str) -> Image:
+    if isinstance(value, Image):
+        return value
+    if isinstance(value, (str, Path)):
+        return read_image(value, scalar=True)
+    raise InputError(f"{name}: expected an Image or a path, got {type(value).__name__}")
+
+
+def check_pair(fixed: Image, moving: Image, fixed_name: str = "fixed", moving_name: str = "moving") -> None:
+    """Validate a pair for registration; raise :class:`InputError` naming the culprit."""
+    if fixed.ndim != moving.ndim:
+        raise InputError(
+            f"dimension mismatch: {fixed_name} is {fixed.ndim}D {fixed.grid.size}, "
+            f"{moving_name} is {moving.ndim}D {moving.grid.size}"
+        )
+    for img, name in ((fixed, fixed_name), (moving, moving_name)):
+        if img.channels != 1:
+            raise InputError(f"{name}: has {img.channels} components per voxel; registration needs a scalar image")
+        img.check_finite(name)
+        if not bool((img.data != img.data.flatten()[0]).any()):
+            raise InputError(f"{name}: image is constant (value {float(img.data.flatten()[0])}); nothing to register")
+
+
+def _check_mask(mask: Image | None, ref: Image, name: str) -> Image | None:
+    if mask is None:
+        return None
+    if not mask.grid.same_as(ref.grid, atol=1e-4):
+        raise InputError(f"{name}: mask grid {mask.grid.size} does not match its image's grid {ref.grid.size}")
+    if not bool((mask.data > 0).any()):
+        raise InputError(f"{name}: mask is empty")
+    return Image((mask.data > 0).to(ref.dtype), mask.grid)
+
+
+def _make_transform(stage: StageConfig, fixed: Image) -> LinearTransform:
+    length = float(np.linalg.norm(fixed.grid.extent())) / 2 or 1.0
+    return LINEAR_TRANSFORMS[stage.transform](fixed.ndim, length_scale=length)
+
+
+def register(
+    fixed: Image | str | Path,
+    moving: Image | str | Path,
+    method: str | dict | MethodConfig = "affine",
+    *,
+    config: dict | str | Path | None = None,
+    fixed_mask: Image | None = None,
+    moving_mask: Image | None = None,
+    device: torch.device | str | None = None,
+    callback: Callback | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (backward warping: the result samples moving on fixed's grid).
+
+    Args:
+        fixed, moving: images (or paths read through SimpleITK). They may differ in size, spacing
+            and direction; they must overlap in world space after initialisation.
+        method: a preset name (``rigid``, ``affine``, ...), a full config dict or a config.
+        config: overrides (dict or YAML path) deep-merged over the preset.
+        fixed_mask, moving_mask: binary masks on the images' grids restricting the similarity.
+        device: where to compute; default the fixed image's device.
+        callback: called with a dict for every iteration (``event="iteration"``: stage, level,
+            factor, iteration, loss, terms) and at the end of each level (``event="level"``).
+
+    Raises:
+        InputError: invalid images, masks or configuration, or no overlap in world space.
+        RegistrationError: the optimisation produced a non-finite loss.
+    """
+    t0 = time.perf_counter()
+    fixed_name = str(fixed) if isinstance(fixed, (str, Path)) else "fixed"
+    moving_name = str(moving) if isinstance(moving, (str, Path)) else "moving"
+    fixed, moving = _as_image(fixed, "fixed"), _as_image(moving, "moving")
+    check_pair(fixed, moving, fixed_name, moving_name)
+    cfg = method_config(method, config)
+    dev = torch.device(device) if device is not None else fixed.device
+    fixed = fixed.to(dev, torch.float32)
+    moving_orig = moving.to(dev, torch.float32)
+    fmask = _check_mask(fixed_mask.to(dev) if fixed_mask is not None else None, fixed, "fixed mask")
+    mmask = _check_mask(moving_mask.to(dev) if moving_mask is not None else None, moving_orig, "moving mask")
+
+    levels: list[LevelRecord] = []
+    transform: LinearTransform | None = None
+    for s, stage in enumerate(cfg.stages):
+        previous = transform
+        transform = _make_transform(stage, fixed).to(dev)
+        if stage.init == "previous":
+            if previous is None:
+                initialize_linear(transform, fixed, moving_orig, "geometry", fmask, mmask)
+            else:
+                transform.set_center(previous.center.cpu())
+                transform.set_matrix(previous.matrix().detach().cpu())
+        else:
+            initialize_linear(transform, fixed, moving_orig, stage.init, fmask, mmask)
+        _check_overlap(fixed, moving_orig, transform, fixed_name, moving_name)
+        fixed_n = fixed.with_data(normalize_intensity(fixed.data, stage.normalize))
+        moving_n = moving_orig.with_data(normalize_intensity(moving_orig.data, stage.normalize))
+        objective = Objective.from_config(stage, cfg.seed).to(dev)
+        for lvl, (factor, max_iter) in enumerate(zip(stage.pyramid.factors, stage.pyramid.iterations)):
+            record = LevelRecord(s, stage.transform, factor, ())
+            _run_level(
+                record, stage, transform, objective,
+                downsample(fixed_n, factor, stage.pyramid.min_size),
+                downsample(moving_n, factor, stage.pyramid.min_size),
+                downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
+                downsample(mmask, factor, stage.pyramid.min_size) if mmask is not None else None,
+                max_iter, lvl, callback,
+            )
+            levels.append(record)
+    assert transform is not None
+    with torch.no_grad():
+        matrix = transform.matrix()
+        warped, _ = warp_linear(moving_orig, fixed.grid, matrix, mode=cfg.stages[-1].interpolation)
+        displacement = linear_displacement(matrix, fixed)
+    return RegistrationResult(
+        method=cfg.name,
+        config=cfg,
+        config_hash=config_hash(cfg),
+        transform=transform,
+        warped=Image(warped, fixed.grid),
+        displacement=displacement,
+        levels=levels,
+        seconds=time.perf_counter() - t0,
+        device=str(dev),
+    )
+
+
+def linear_displacement(matrix: torch.Tensor, fixed: Image) -> Image:
+    """``u(x) = M x - x`` (mm) at every fixed voxel, as a ``D``-channel image on the fixed grid."""
+    pts = fixed.grid.world_points(device=matrix.device, dtype=torch.float64)
+    d = fixed.ndim
+    mapped = pts @ matrix[:d, :d].T + matrix[:d, d]
+    u = torch.movedim(mapped - pts, -1, 0).to(torch.float32)
+    return Image(u, fixed.grid)
+
+
+def _check_overlap(fixed: Image, moving: Image, transform: LinearTransform, fixed_name: str, moving_name: str) -> None:
+    coarse = fixed.grid.downsample(max(1.0, max(fixed.grid.size) / 32))
+    with torch.no_grad():
+        inside = inside_mask(linear_coords(coarse, moving.grid, transform.matrix(), torch.float32))
+    if not bool(inside.any()):
+        raise InputError(
+            f"no overlap in world space between {fixed_name} and {moving_name} under the initial transform "
+            f"(fixed corners {fixed.grid.corners().min(0).round(1).tolist()}..{fixed.grid.corners().max(0).round(1).tolist()} mm, "
+            f"moving {moving.grid.corners().min(0).round(1).tolist()}..{moving.grid.corners().max(0).round(1).tolist()} mm); "
+            "check the headers or initialise with 'geometry' or 'moments'"
+        )
+
+
+def _run_level(
+    record: LevelRecord,
+    stage: StageConfig,
+    transform: LinearTransform,
+    objective: Objective,
+    fixed: Image,
+    moving: Image,
+    fixed_mask: Image | None,
+    moving_mask: Image | None,
+    max_iter: int,
+    level: int,
+    callback: Callback | None,
+) -> None:
+    t0 = time.perf_counter()
+    record.size = fixed.grid.size
+    optimizer = build_optimizer(stage.optimizer, transform.parameters())
+    fixed_b = fixed.batch()
+    state: dict[str, Any] = {}
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        matrix = transform.matrix()
+        warped, inside = warp_linear(moving, fixed.grid, matrix, mode=stage.interpolation)
+        mask = inside
+        if fixed_mask is not None:
+            mask = mask * fixed_mask.data[0]
+        if moving_mask is not None:
+            mask = mask * warp_linear(moving_mask, fixed.grid, matrix.detach())[0][0]
+        if not bool((mask > 0).any()):
+            raise RegistrationError("the transform moved the moving image out of the fixed field of view")
+        loss, parts = objective(fixed_b, warped[None], mask[None, None], fixed.grid.spacing)
+        if not torch.isfinite(loss):
+            raise RegistrationError(f"non-finite loss ({float(loss)}) at stage {record.stage}, level {level}")
+        loss.backward()
+        state["loss"], state["parts"] = float(loss.detach()), parts
+        return loss
+
+    best, stale = math.inf, 0
+    record.stop_reason = "max_iterations"
+    for it in range(max_iter):
+        optimizer.step(closure)
+        loss = state["loss"]
+        record.losses.append(loss)
+        record.iterations = it + 1
+        if callback is not None:
+            callback({"event": "iteration", "stage": record.stage, "level": level, "factor": record.factor,
+                      "iteration": it, "loss": loss, "terms": state["parts"]})
+        if not math.isfinite(best) or loss < best - stage.stopping.rel_tol * abs(best):
+            best, stale = loss, 0
+        else:
+            stale += 1
+            if stale >= stage.stopping.patience:
+                record.stop_reason = "converged"
+                break
+    record.seconds = time.perf_counter() - t0
+    log.debug("stage %d level %d (x%g): %d iterations, loss %.6g, %s", record.stage, level, record.factor,
+              record.iterations, record.losses[-1] if record.losses else math.nan, record.stop_reason)
+    if callback is not None:
+        callback({"event": "level", **asdict(record)})

@@ -1,0 +1,128 @@
+"""Resampling images, label maps and displacement fields at world points (backward warping).
+
+Every function here takes world points in mm (``(x, y, z)`` last) or a world-to-world mapping
+and converts to the moving image's normalised coordinates through its :class:`Grid`; nothing
+else in regcore calls :func:`torch.nn.functional.grid_sample`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid
+from .image import Image
+
+__all__ = [
+    "sample_normalized",
+    "sample_world",
+    "inside_mask",
+    "linear_theta",
+    "warp_linear",
+    "warp_points_field",
+    "resample_displacement",
+]
+
+Mode = Literal["linear", "nearest"]
+Padding = Literal["zeros", "border"]
+
+_GS_MODE = {"linear": "bilinear", "nearest": "nearest"}  # grid_sample's 'bilinear' is trilinear in 3D
+
+
+def _torch_matrix(matrix: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(matrix, dtype=torch.float64, device=device)
+
+
+def sample_normalized(
+    data: torch.Tensor, coords: torch.Tensor, mode: Mode = "linear", padding: Padding = "zeros"
+) -> torch.Tensor:
+    """Sample ``data`` ``(C, *shape)`` at normalised coords ``(*out, D)``; returns ``(C, *out)``.
+
+    Integer data (label maps) is sampled by nearest neighbour exactly (values below 2**24).
+    """
+    if mode not in _GS_MODE:
+        raise ValueError(f"unknown interpolation mode {mode!r}; use 'linear' or 'nearest'")
+    out_shape = coords.shape[:-1]
+    dim = coords.shape[-1]
+    integer = not data.is_floating_point()
+    if integer and mode != "nearest":
+        raise ValueError("integer (label) data must be sampled with mode='nearest'")
+    src = data.to(torch.float32) if integer else data
+    grid = coords.to(src.dtype)
+    if len(out_shape) == dim:  # a grid of points: (1, *out, D)
+        grid = grid[None]
+    else:  # any other point set: flatten to (1, 1, [1,] M, D)
+        grid = grid.reshape(1, *([1] * (dim - 1)), -1, dim)
+    out = F.grid_sample(src[None], grid, mode=_GS_MODE[mode], padding_mode=padding, align_corners=True)[0]
+    out = out.reshape(data.shape[0], *out_shape)
+    return out.round().to(data.dtype) if integer else out
+
+
+def sample_world(
+    image: Image, points: torch.Tensor, mode: Mode = "linear", padding: Padding = "zeros"
+) -> torch.Tensor:
+    """Sample ``image`` at world points ``(*out, D)`` (mm); returns ``(C, *out)``."""
+    w2n = _torch_matrix(image.grid.world_to_normalized(), points.device)
+    d = image.ndim
+    coords = points.to(torch.float64) @ w2n[:d, :d].T + w2n[:d, d]
+    return sample_normalized(image.data, coords, mode, padding)
+
+
+def inside_mask(coords: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
+    """1 where normalised coords ``(*out, D)`` fall inside the sampled image, else 0: ``(*out,)``."""
+    return (coords.detach().abs() <= 1 + tol).all(dim=-1).to(coords.dtype if coords.is_floating_point() else torch.float32)
+
+
+def linear_theta(fixed: Grid, moving: Grid, world_matrix: torch.Tensor) -> torch.Tensor:
+    """The ``(D, D+1)`` matrix for :func:`F.affine_grid` that samples ``moving`` on ``fixed``.
+
+    ``world_matrix`` ``(D+1, D+1)`` maps fixed world points to moving world points (mm); the result
+    maps fixed normalised coords to moving normalised coords (float64, differentiable).
+    """
+    dev = world_matrix.device
+    chain = _torch_matrix(moving.world_to_normalized(), dev) @ world_matrix.to(torch.float64) @ _torch_matrix(
+        fixed.normalized_to_world(), dev
+    )
+    return chain[:-1]
+
+
+def linear_coords(fixed: Grid, moving: Grid, world_matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Moving normalised coords ``(*fixed.shape, D)`` of each fixed voxel under a linear map."""
+    theta = linear_theta(fixed, moving, world_matrix).to(dtype)
+    return F.affine_grid(theta[None], [1, 1, *fixed.shape], align_corners=True)[0]
+
+
+def warp_linear(
+    moving: Image,
+    fixed: Grid,
+    world_matrix: torch.Tensor | np.ndarray,
+    mode: Mode = "linear",
+    padding: Padding = "zeros",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward-warp ``moving`` onto ``fixed`` with a linear world map ``x -> M x`` (mm).
+
+    Returns ``(warped (C, *fixed.shape), inside (*fixed.shape))`` where ``inside`` is 1 for fixed
+    voxels whose mapped point lies within the moving image.
+    """
+    mat = torch.as_tensor(world_matrix, dtype=torch.float64, device=moving.device)
+    dtype = moving.dtype if moving.data.is_floating_point() else torch.float32
+    coords = linear_coords(fixed, moving.grid, mat, dtype)
+    return sample_normalized(moving.data, coords, mode, padding), inside_mask(coords)
+
+
+def warp_points_field(points: torch.Tensor, displacement: Image) -> torch.Tensor:
+    """Map world points ``(..., D)`` through ``x -> x + u(x)``, ``u`` a displacement field (mm).
+
+    ``u`` is linearly interpolated (border-clamped outside its grid).
+    """
+    u = sample_world(displacement, points.to(displacement.dtype), mode="linear", padding="border")
+    return points + torch.movedim(u, 0, -1).to(points.dtype)
+
+
+def resample_displacement(displacement: Image, grid: Grid) -> Image:
+    """Resample a displacement field (mm, world components) onto another grid (mm stay mm)."""
+    pts = grid.world_points(displacement.device, displacement.dtype)
+    return Image(sample_world(displacement, pts, mode="linear", padding="border"), grid)

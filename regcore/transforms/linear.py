@@ -1,0 +1,230 @@
+"""Linear transforms (translation, rigid, similarity, affine) about a rotation centre.
+
+A transform maps **fixed** world points to **moving** world points (mm), ITK's convention::
+
+    T(x) = A (x - c) + c + t
+
+with ``c`` the rotation centre (a buffer, not optimised), ``A`` the linear part and ``t`` the
+translation. Parameters are stored in float64 and in scaled units so that one unit of any
+parameter moves points about ``length_scale`` mm (rotations in radians, translations in units of
+``length_scale``, scale as a logarithm, affine entries as offsets from the identity). That keeps
+first-order optimisers (Adam, SGD) balanced between rotation and translation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = [
+    "LinearTransform",
+    "Translation",
+    "Rigid",
+    "Similarity",
+    "Affine",
+    "LINEAR_TRANSFORMS",
+    "rotation_matrix",
+]
+
+
+def rotation_matrix(angles: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rotation matrix from angles in radians.
+
+    2D: one angle, ``[[cos, -sin], [sin, cos]]`` acting on ``(x, y)``.
+    3D: ``(a_x, a_y, a_z)``, ``R = Rz(a_z) @ Ry(a_y) @ Rx(a_x)``.
+    """
+    if dim == 2:
+        c, s = torch.cos(angles[0]), torch.sin(angles[0])
+        return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    cx, cy, cz = torch.cos(angles)
+    sx, sy, sz = torch.sin(angles)
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([torch.stack([one, zero, zero]), torch.stack([zero, cx, -sx]), torch.stack([zero, sx, cx])])
+    ry = torch.stack([torch.stack([cy, zero, sy]), torch.stack([zero, one, zero]), torch.stack([-sy, zero, cy])])
+    rz = torch.stack([torch.stack([cz, -sz, zero]), torch.stack([sz, cz, zero]), torch.stack([zero, zero, one])])
+    return rz @ ry @ rx
+
+
+def rotation_angles(rotation: np.ndarray) -> np.ndarray:
+    """Angles (radians) of :func:`rotation_matrix` for an orthonormal ``rotation`` (2x2 or 3x3)."""
+    r = np.asarray(rotation, dtype=np.float64)
+    if r.shape == (2, 2):
+        return np.array([math.atan2(r[1, 0], r[0, 0])])
+    ay = math.asin(-max(-1.0, min(1.0, r[2, 0])))
+    ax = math.atan2(r[2, 1], r[2, 2])
+    az = math.atan2(r[1, 0], r[0, 0])
+    return np.array([ax, ay, az])
+
+
+class LinearTransform(nn.Module):
+    """Base class: ``T(x) = A (x - c) + c + t`` on world points in mm.
+
+    Args:
+        dim: 2 or 3.
+        center: rotation centre ``c`` (mm, world), default the origin.
+        length_scale: mm moved by one unit of a parameter (see module docstring); set it to about
+            half the image's extent.
+    """
+
+    kind = "linear"
+
+    def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
+        super().__init__()
+        if dim not in (2, 3):
+            raise InputError(f"transforms are 2D or 3D, got dim={dim}")
+        if not length_scale > 0:
+            raise InputError(f"length_scale must be positive, got {length_scale}")
+        self.dim = dim
+        self.length_scale = float(length_scale)
+        c = torch.zeros(dim, dtype=torch.float64) if center is None else torch.as_tensor(center, dtype=torch.float64)
+        self.register_buffer("center", c.clone())
+        self.translation_param = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+
+    # -- parts -------------------------------------------------------------------------
+    def linear(self) -> torch.Tensor:
+        """The linear part ``A`` ``(D, D)``."""
+        return torch.eye(self.dim, dtype=torch.float64, device=self.center.device)
+
+    def translation(self) -> torch.Tensor:
+        """The translation ``t`` in mm ``(D,)``."""
+        return self.translation_param * self.length_scale
+
+    def matrix(self) -> torch.Tensor:
+        """Homogeneous ``(D+1, D+1)`` float64 matrix of ``T`` (fixed world -> moving world, mm)."""
+        a = self.linear()
+        offset = self.translation() + self.center - a @ self.center
+        top = torch.cat([a, offset[:, None]], dim=1)
+        bottom = torch.zeros(1, self.dim + 1, dtype=torch.float64, device=a.device)
+        bottom[0, -1] = 1.0
+        return torch.cat([top, bottom], dim=0)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """Map world points ``(..., D)`` (mm) from fixed to moving space."""
+        m = self.matrix().to(points.dtype)
+        return points @ m[: self.dim, : self.dim].T + m[: self.dim, self.dim]
+
+    # -- setting -----------------------------------------------------------------------
+    @torch.no_grad()
+    def set_center(self, center: Sequence[float]) -> None:
+        self.center.copy_(torch.as_tensor(center, dtype=torch.float64))
+
+    @torch.no_grad()
+    def set_translation(self, translation_mm: Sequence[float]) -> None:
+        self.translation_param.copy_(torch.as_tensor(translation_mm, dtype=torch.float64) / self.length_scale)
+
+    @torch.no_grad()
+    def set_matrix(self, matrix: np.ndarray | torch.Tensor) -> None:
+        """Set parameters from a homogeneous world matrix (exact for affine; least-squares
+        projection onto the transform's family otherwise), keeping the current centre."""
+        m = torch.as_tensor(matrix, dtype=torch.float64)
+        a = self._project_linear(m[: self.dim, : self.dim])
+        # translation so that T(c) matches the given matrix at the centre
+        c = self.center.cpu()
+        t = (m[: self.dim, : self.dim] @ c + m[: self.dim, self.dim]) - c
+        self.set_translation(t)
+        self._set_linear(a)
+
+    def _project_linear(self, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+    def _set_linear(self, a: torch.Tensor) -> None:
+        """Set the linear-part parameters from ``A`` (subclasses)."""
+
+    def describe(self) -> dict:
+        """Plain-number summary: matrix, centre and translation (mm), angles (deg), scales."""
+        with torch.no_grad():
+            a = self.linear().cpu().numpy()
+            u, s, vt = np.linalg.svd(a)
+            rot = u @ vt
+            return {
+                "type": self.kind,
+                "matrix": a.tolist(),
+                "center_mm": self.center.cpu().tolist(),
+                "translation_mm": self.translation().cpu().tolist(),
+                "rotation_deg": np.degrees(rotation_angles(rot)).tolist(),
+                "scales": s.tolist(),
+            }
+
+
+class Translation(LinearTransform):
+    """``T(x) = x + t``."""
+
+    kind = "translation"
+
+
+class Rigid(LinearTransform):
+    """Rotation plus translation. Parameters: angles (rad; 1 in 2D, 3 in 3D) and translation."""
+
+    kind = "rigid"
+
+    def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
+        super().__init__(dim, center, length_scale)
+        self.angles = nn.Parameter(torch.zeros(1 if dim == 2 else 3, dtype=torch.float64))
+
+    def rotation(self) -> torch.Tensor:
+        return rotation_matrix(self.angles, self.dim)
+
+    def linear(self) -> torch.Tensor:
+        return self.rotation()
+
+    def _project_linear(self, a: torch.Tensor) -> torch.Tensor:
+        u, _, vt = torch.linalg.svd(a)
+        return u @ vt
+
+    def _set_linear(self, a: torch.Tensor) -> None:
+        self.angles.copy_(torch.as_tensor(rotation_angles(a.numpy()), dtype=torch.float64))
+
+
+class Similarity(Rigid):
+    """Isotropic scale times a rotation, plus translation. ``log_scale`` is the log of the scale."""
+
+    kind = "similarity"
+
+    def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
+        super().__init__(dim, center, length_scale)
+        self.log_scale = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def scale(self) -> torch.Tensor:
+        return torch.exp(self.log_scale[0])
+
+    def linear(self) -> torch.Tensor:
+        return self.scale() * self.rotation()
+
+    def _project_linear(self, a: torch.Tensor) -> torch.Tensor:
+        u, s, vt = torch.linalg.svd(a)
+        return s.mean() * (u @ vt)
+
+    def _set_linear(self, a: torch.Tensor) -> None:
+        scale = torch.linalg.svdvals(a).mean()
+        self.log_scale.copy_(torch.log(scale).reshape(1))
+        super()._set_linear(a / scale)
+
+
+class Affine(LinearTransform):
+    """General linear part ``A = I + P`` (``P`` the ``D x D`` parameter) plus translation."""
+
+    kind = "affine"
+
+    def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
+        super().__init__(dim, center, length_scale)
+        self.matrix_offset = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float64))
+
+    def linear(self) -> torch.Tensor:
+        return torch.eye(self.dim, dtype=torch.float64, device=self.matrix_offset.device) + self.matrix_offset
+
+    def _set_linear(self, a: torch.Tensor) -> None:
+        self.matrix_offset.copy_(a - torch.eye(self.dim, dtype=torch.float64))
+
+
+LINEAR_TRANSFORMS: dict[str, type[LinearTransform]] = {
+    "translation": Translation,
+    "rigid": Rigid,
+    "similarity": Similarity,
+    "affine": Affine,
+}

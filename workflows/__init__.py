@@ -1,0 +1,1 @@
+"""cohortreg workflows layer (see ../shared/DESIGN.md); populated by later issues."""
