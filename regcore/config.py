@@ -142,10 +142,14 @@ def config_hash(config: MethodConfig) -> str:
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """Recursive merge: dicts merge by key; ``stages`` lists merge element-wise; other values replace."""
+    """Recursive merge: dicts merge by key; ``stages`` lists merge element-wise; other values replace.
+
+    A mapping whose ``name`` differs from the base's (say an optimiser ``adam`` over ``lbfgs``)
+    replaces it whole, so options of the old choice never leak into the new one.
+    """
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value.get("name", out[key].get("name")) == out[key].get("name"):
             out[key] = deep_merge(out[key], value)
         elif key == "stages" and isinstance(value, list) and isinstance(out.get(key), list):
             merged = list(out[key])

@@ -14,6 +14,7 @@ def normalize_intensity(
     mode: Literal["none", "minmax", "percentile"] = "percentile",
     percentiles: tuple[float, float] = (0.5, 99.5),
     max_samples: int = 1_000_000,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Map intensities to about ``[0, 1]``.
 

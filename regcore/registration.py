@@ -243,8 +243,10 @@ def register(
         else:
             initialize_linear(transform, fixed, moving_orig, stage.init, fmask, mmask)
         _check_overlap(fixed, moving_orig, transform, fixed_name, moving_name)
-        fixed_n = fixed.with_data(normalize_intensity(fixed.data, stage.normalize))
-        moving_n = moving_orig.with_data(normalize_intensity(moving_orig.data, stage.normalize))
+        fixed_n = fixed.with_data(normalize_intensity(fixed.data, stage.normalize, mask=None if fmask is None else fmask.data))
+        moving_n = moving_orig.with_data(
+            normalize_intensity(moving_orig.data, stage.normalize, mask=None if mmask is None else mmask.data)
+        )
         objective = Objective.from_config(stage, cfg.seed).to(dev)
         for lvl, (factor, max_iter) in enumerate(zip(stage.pyramid.factors, stage.pyramid.iterations)):
             record = LevelRecord(s, stage.transform, factor, ())

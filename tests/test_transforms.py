@@ -54,7 +54,7 @@ def test_similarity_scale_and_set_matrix_roundtrip():
     other.set_matrix(m)
     torch.testing.assert_close(other.matrix().detach(), m, atol=1e-12, rtol=0)
     s = torch.linalg.svdvals(m[:3, :3])
-    torch.testing.assert_close(s, torch.full((3,), float(tx.scale()), dtype=torch.float64))
+    torch.testing.assert_close(s, torch.full((3,), float(tx.scale().detach()), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", sorted(LINEAR_TRANSFORMS))

@@ -1,0 +1,200 @@
+"""The registration loop on synthetic data with known answers; errors; determinism; configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from regcore import Grid, Image, InputError, method_config, register
+from regcore.config import config_hash
+from regcore.io import image_from_sitk, image_to_sitk
+from regcore.export import matrix_to_sitk
+
+from conftest import blobs, make_image, rotation_direction
+
+FAST = {"pyramid": {"factors": [2, 1], "iterations": [30, 20]}}
+
+
+def _moved(fixed: Image, matrix: np.ndarray, grid: Grid | None = None) -> Image:
+    """Moving image such that M(T(x)) = F(x) with T = matrix (fixed -> moving world), via ITK."""
+    grid = grid or fixed.grid
+    ref = image_to_sitk(Image(torch.zeros(1, *grid.shape), grid))
+    inverse = np.linalg.inv(matrix)  # moving point y holds fixed content at T^-1(y)
+    out = sitk.Resample(image_to_sitk(fixed), ref, matrix_to_sitk(inverse), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    return image_from_sitk(out)
+
+
+def _translation(t):
+    m = np.eye(len(t) + 1)
+    m[:-1, -1] = t
+    return m
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "lbfgs", "lr": 1.0, "params": {"max_iter": 10, "line_search_fn": "strong_wolfe"}},
+        {"name": "adam", "lr": 0.002},
+        {"name": "sgd", "lr": 0.05, "params": {"momentum": 0.9}},
+    ],
+    ids=["lbfgs", "adam", "sgd"],
+)
+def test_2d_translation_recovered_with_each_optimizer(optimizer, device):
+    fixed = make_image((64, 72), spacing=(0.9, 1.1))
+    moving = _moved(fixed, _translation([3.3, -2.1]))
+    iters = [30, 20] if optimizer["name"] == "lbfgs" else [150, 150]
+    cfg = {"stages": [{"objective": [{"measure": "mse"}], "optimizer": optimizer, "init": "none",
+                       "stopping": {"rel_tol": 1e-9, "patience": 20},
+                       "pyramid": {"factors": [2, 1], "iterations": iters}}]}
+    res = register(fixed.to(device), moving.to(device), "translation", config=cfg)
+    np.testing.assert_allclose(res.transform.translation().detach().cpu().numpy(), [3.3, -2.1], atol=0.1)
+    assert res.device.startswith(device)
+
+
+def test_3d_rigid_across_different_grids():
+    """Fixed and moving differ in spacing, size, origin and direction: the world map is recovered."""
+    fixed = make_image((40, 44, 48), spacing=(1.0, 1.0, 1.5), origin=(-30.0, -20.0, -25.0), n=20)
+    c = fixed.grid.center()
+    angles = np.radians([4.0, -3.0, 6.0])
+    from regcore.transforms.linear import rotation_matrix
+    r = rotation_matrix(torch.as_tensor(angles), 3).numpy()
+    truth = np.eye(4)
+    truth[:3, :3] = r
+    truth[:3, 3] = c - r @ c + [2.0, -1.5, 1.0]
+    moving_grid = Grid((36, 40, 34), (1.3, 1.2, 1.6), (25.0, -25.0, -20.0), np.diag([-1.0, 1.0, 1.0]).ravel())
+    moving = _moved(fixed, truth, moving_grid)
+    res = register(fixed, moving, "rigid", config={"stages": [{"init": "none", **FAST}]})
+    corners = fixed.grid.corners()
+    got = corners @ res.transform.matrix().detach().numpy()[:3, :3].T + res.transform.matrix().detach().numpy()[:3, 3]
+    want = corners @ truth[:3, :3].T + truth[:3, 3]
+    assert np.linalg.norm(got - want, axis=1).mean() < 0.3
+
+
+def test_affine_recovers_scaling_and_shear_2d():
+    fixed = make_image((80, 80), n=25)
+    truth = np.eye(3)
+    truth[:2, :2] = [[1.08, 0.05], [-0.03, 0.94]]
+    c = fixed.grid.center()
+    truth[:2, 2] = c - truth[:2, :2] @ c + [1.5, -2.0]
+    moving = _moved(fixed, truth)
+    res = register(fixed, moving, "affine", config={"stages": [{"init": "none", **FAST}, FAST]})
+    np.testing.assert_allclose(res.transform.matrix().detach().numpy(), truth, atol=0.01 * 80 / 2 / 40 + 0.05)
+    np.testing.assert_allclose(res.transform.matrix().detach().numpy()[:2, :2], truth[:2, :2], atol=0.005)
+
+
+def test_result_contents_and_callback_and_no_prints(capsys):
+    fixed = make_image((40, 44))
+    moving = _moved(fixed, _translation([1.0, 2.0]))
+    events = []
+    res = register(fixed, moving, "translation", config={"stages": [FAST]}, callback=events.append)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    iters = [e for e in events if e["event"] == "iteration"]
+    assert len(iters) == res.iterations > 0
+    assert [e for e in events if e["event"] == "level"][-1]["factor"] == 1
+    assert res.warped.grid == fixed.grid and res.displacement.channels == 2
+    # displacement = T(x) - x in mm, components (x, y): constant (1, 2) for a translation
+    np.testing.assert_allclose(res.displacement.data.mean(dim=(1, 2)).numpy(), [1.0, 2.0], atol=0.05)
+    summary = res.summary()
+    assert summary["config_hash"] == config_hash(res.config)
+    assert len(summary["loss_per_level"]) == 2 and summary["iterations"] == res.iterations
+
+
+def test_stopping_rules():
+    fixed = make_image((40, 44))
+    moving = _moved(fixed, _translation([1.0, 2.0]))
+    res = register(fixed, moving, "translation", config={"stages": [{"pyramid": {"factors": [1], "iterations": [3]},
+                                                                         "stopping": {"rel_tol": 0.0, "patience": 100}}]})
+    assert res.levels[0].iterations == 3 and res.levels[0].stop_reason == "max_iterations"
+    res = register(fixed, moving, "translation", config={"stages": [{"pyramid": {"factors": [1], "iterations": [500]},
+                                                                         "stopping": {"rel_tol": 1e-3, "patience": 2}}]})
+    assert res.levels[0].stop_reason == "converged" and res.levels[0].iterations < 500
+
+
+def test_deterministic_for_a_seed_with_sampled_mi():
+    fixed = make_image((48, 52))
+    moving = _moved(fixed, _translation([1.2, -0.7]))
+    cfg = {"stages": [{"objective": [{"measure": "mi", "params": {"num_samples": 500}}], **FAST}]}
+    a = register(fixed, moving, "rigid", config=cfg)
+    b = register(fixed, moving, "rigid", config=cfg)
+    c = register(fixed, moving, "rigid", config={**cfg, "seed": 7})
+    torch.testing.assert_close(a.transform.matrix(), b.transform.matrix(), atol=0, rtol=0)
+    assert a.levels[0].losses == b.levels[0].losses
+    assert a.levels[0].losses != c.levels[0].losses
+
+
+def test_masks_restrict_the_similarity():
+    """A corrupted region in moving misleads registration unless masked out."""
+    fixed = make_image((64, 64), n=20)
+    moving = _moved(fixed, _translation([2.0, 1.0]))
+    corrupted = moving.data.clone()
+    corrupted[:, 20:64, 30:64] = torch.from_numpy(blobs((44, 34), seed=9)).float() * 2  # unrelated content
+    moving_bad = moving.with_data(corrupted)
+    mask = torch.ones_like(corrupted)
+    mask[:, 18:64, 28:64] = 0
+    cfg = {"stages": [{"objective": [{"measure": "mse"}], "init": "none", "normalize": "none", **FAST}]}
+    masked = register(fixed, moving_bad, "translation", config=cfg, moving_mask=moving.with_data(mask))
+    np.testing.assert_allclose(masked.transform.translation().detach().numpy(), [2.0, 1.0], atol=0.1)
+    unmasked = register(fixed, moving_bad, "translation", config=cfg)
+    assert np.abs(unmasked.transform.translation().detach().numpy() - [2.0, 1.0]).max() > 0.2
+
+
+def test_config_validation_and_hash():
+    a = method_config("rigid")
+    b = method_config("rigid", {"seed": 0})
+    assert config_hash(a) == config_hash(b)
+    c = method_config("rigid", {"stages": [{"objective": [{"measure": "mi"}]}]})
+    assert config_hash(c) != config_hash(a) and c.stages[0].objective[0].measure == "mi"
+    assert c.stages[0].transform == "rigid"  # merged, not replaced
+    with pytest.raises(InputError, match="unknown method 'rigidd'"):
+        method_config("rigidd")
+    with pytest.raises(InputError, match="measure"):
+        method_config("rigid", {"stages": [{"objective": [{"measure": "ncx"}]}]})
+    with pytest.raises(InputError, match="optimiser|Extra inputs"):
+        method_config("rigid", {"stages": [{"optimiser": {"name": "adam"}}]})
+    with pytest.raises(InputError, match="factors but"):
+        method_config("rigid", {"stages": [{"pyramid": {"factors": [4, 2, 1], "iterations": [1, 2]}}]})
+
+
+def test_yaml_config_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("stages:\n  - objective:\n      - measure: ngf\n    pyramid:\n      factors: [2, 1]\n      iterations: 7\n")
+    cfg = method_config("rigid", path)
+    assert cfg.stages[0].objective[0].measure == "ngf" and cfg.stages[0].pyramid.iterations == [7, 7]
+    (tmp_path / "bad.yaml").write_text("stages: [unclosed\n")
+    with pytest.raises(InputError, match="bad.yaml.*YAML"):
+        method_config("rigid", tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="no such file"):
+        method_config("rigid", tmp_path / "missing.yaml")
+
+
+def test_bad_inputs_have_clear_errors():
+    f2 = make_image((20, 22))
+    f3 = make_image((20, 22, 24))
+    with pytest.raises(InputError, match="dimension mismatch.*2D.*3D"):
+        register(f2, f3, "rigid")
+    nan = f2.with_data(f2.data.clone())
+    nan.data[0, 3, 3] = float("nan")
+    with pytest.raises(InputError, match="moving: 1 of 440 voxels are NaN"):
+        register(f2, nan, "rigid")
+    with pytest.raises(InputError, match="fixed: image is constant"):
+        register(f2.with_data(torch.zeros_like(f2.data)), f2, "rigid")
+    far = Image(f2.data, Grid(f2.grid.size, f2.grid.spacing, (500.0, 500.0)))
+    with pytest.raises(InputError, match="no overlap in world space"):
+        register(f2, far, "rigid", config={"stages": [{"init": "none"}]})
+    # centring the images (the presets' default) makes the same pair registrable
+    register(f2, far, "translation", config={"stages": [FAST]})
+    with pytest.raises(InputError, match="missing.nii.*no such file"):
+        register("missing.nii", f2, "rigid")
+    with pytest.raises(InputError, match="mask is empty"):
+        register(f2, f2, "rigid", fixed_mask=f2.with_data(torch.zeros_like(f2.data)))
+
+
+def test_registration_runs_on_requested_device(device):
+    fixed = make_image((20, 24, 28))
+    moving = _moved(fixed, _translation([1.0, 0.5, -0.5]))
+    res = register(fixed, moving, "rigid", config={"stages": [FAST]}, device=device)
+    assert res.warped.device.type == device and res.device.startswith(device)
+    np.testing.assert_allclose(res.transform.translation().detach().cpu().numpy(), [1.0, 0.5, -0.5], atol=0.15)
