@@ -15,11 +15,11 @@ from .errors import InputError
 __all__ = ["PRESETS", "method_config", "available_methods"]
 
 _LINEAR_STAGE = {
-    "init": "geometry",
+    "init": "moments",
     "objective": [{"measure": "ncc", "weight": 1.0}],
-    "optimizer": {"name": "lbfgs", "lr": 1.0, "params": {"max_iter": 10, "line_search_fn": "strong_wolfe"}},
-    "pyramid": {"factors": [4, 2, 1], "iterations": [40, 25, 15]},
-    "stopping": {"rel_tol": 1e-7, "patience": 3},
+    "optimizer": {"name": "lbfgs", "lr": 1.0, "params": {"max_iter": 1, "line_search_fn": "strong_wolfe"}},
+    "pyramid": {"factors": [4, 2, 1], "iterations": [100, 60, 30]},
+    "stopping": {"rel_tol": 1e-6, "patience": 5},
     "normalize": "percentile",
 }
 

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
 
+#: Loss returned where the moving image does not overlap the fixed grid at all.
+OUT_OF_VIEW_LOSS = 1e3
+
 _OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -84,15 +87,25 @@ class Objective(nn.Module):
 def build_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
     """A torch optimiser from its config (name, learning rate, extra constructor arguments)."""
     cls = _OPTIMIZERS[config.name]
+    kwargs = dict(config.params)
+    if config.name == "lbfgs":
+        # torch's default max_eval (1.25 max_iter) leaves no line-search evaluations when one
+        # LBFGS iteration is taken per step, as regcore's loop does
+        kwargs.setdefault("max_eval", max(kwargs.get("max_iter", 20) * 5 // 4, 25))
     try:
-        return cls(params, lr=config.lr, **config.params)
+        return cls(params, lr=config.lr, **kwargs)
     except TypeError as exc:
         raise InputError(f"optimizer {config.name!r}: bad params {config.params} ({exc})") from exc
 
 
 @dataclass
 class LevelRecord:
-    """What happened at one pyramid level of one stage."""
+    """What happened at one pyramid level of one stage.
+
+    ``losses[i]`` is the loss before iteration ``i``; the last entry is the loss at the level's
+    final parameters (so ``len(losses) == iterations + 1``). ``evaluations`` counts objective
+    evaluations (line searches make several per iteration).
+    """
 
     stage: int
     transform: str
@@ -100,6 +113,7 @@ class LevelRecord:
     size: tuple[int, ...]
     losses: list[float] = field(default_factory=list)
     iterations: int = 0
+    evaluations: int = 0
     stop_reason: str = ""
     seconds: float = 0.0
 
@@ -316,10 +330,10 @@ def _run_level(
     record.size = fixed.grid.size
     optimizer = build_optimizer(stage.optimizer, transform.parameters())
     fixed_b = fixed.batch()
-    state: dict[str, Any] = {}
+    params = [p for p in transform.parameters() if p.requires_grad]
+    cache: dict[str, Any] = {"evaluations": 0}
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
+    def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
         matrix = transform.matrix()
         warped, inside = warp_linear(moving, fixed.grid, matrix, mode=stage.interpolation)
         mask = inside
@@ -328,24 +342,49 @@ def _run_level(
         if moving_mask is not None:
             mask = mask * warp_linear(moving_mask, fixed.grid, matrix.detach())[0][0]
         if not bool((mask > 0).any()):
-            raise RegistrationError("the transform moved the moving image out of the fixed field of view")
+            # a line search probing far away: a high, flat loss sends it back
+            return matrix.sum() * 0 + OUT_OF_VIEW_LOSS, {}
         loss, parts = objective(fixed_b, warped[None], mask[None, None], fixed.grid.spacing)
         if not torch.isfinite(loss):
             raise RegistrationError(f"non-finite loss ({float(loss)}) at stage {record.stage}, level {level}")
-        loss.backward()
-        state["loss"], state["parts"] = float(loss.detach()), parts
-        return loss
+        return loss, parts
+
+    def closure() -> torch.Tensor:
+        """Loss times ``cache['scale']`` (see below) with its gradient; raw loss in the cache."""
+        # LBFGS re-evaluates the point its line search ended on: answer that from the cache.
+        key = torch.cat([p.detach().reshape(-1) for p in params])
+        if "key" in cache and torch.equal(cache["key"], key):
+            for p, g in zip(params, cache["grads"]):
+                p.grad = g.clone()
+            return cache["loss"]
+        optimizer.zero_grad()
+        loss, parts = evaluate()
+        scaled = loss * cache.setdefault("scale", 1.0)
+        scaled.backward()
+        cache["evaluations"] += 1
+        cache.update(key=key, loss=scaled.detach(), raw=float(loss.detach()), parts=parts,
+                     grads=[p.grad.detach().clone() for p in params])
+        return scaled
+
+    # Scale the objective so that its largest initial gradient component is 1 per mm (parameters
+    # are in physical-shift units): the first LBFGS step then moves at most ~1 mm, SGD learning
+    # rates read as mm, and float32 losses stay well resolved. The optimum is unchanged.
+    closure()
+    gmax = max(float(g.abs().max()) for g in cache["grads"]) if params else 0.0
+    if gmax > 0 and math.isfinite(gmax):
+        cache["scale"] = 1.0 / gmax
+        cache.pop("key")
 
     best, stale = math.inf, 0
     record.stop_reason = "max_iterations"
     for it in range(max_iter):
-        optimizer.step(closure)
-        loss = state["loss"]
+        # torch optimisers return the closure's value at the parameters the step started from
+        loss = float(optimizer.step(closure).detach()) / cache["scale"]
         record.losses.append(loss)
         record.iterations = it + 1
         if callback is not None:
             callback({"event": "iteration", "stage": record.stage, "level": level, "factor": record.factor,
-                      "iteration": it, "loss": loss, "terms": state["parts"]})
+                      "iteration": it, "loss": loss, "terms": cache.get("parts", {})})
         if not math.isfinite(best) or loss < best - stage.stopping.rel_tol * abs(best):
             best, stale = loss, 0
         else:
@@ -353,7 +392,14 @@ def _run_level(
             if stale >= stage.stopping.patience:
                 record.stop_reason = "converged"
                 break
+    final = float(closure().detach()) / cache["scale"]  # loss at the final parameters (cached when just evaluated)
+    if final >= OUT_OF_VIEW_LOSS:
+        raise RegistrationError(
+            f"stage {record.stage} level {level}: the transform moved the moving image out of the fixed field of view"
+        )
+    record.losses.append(final)
     record.seconds = time.perf_counter() - t0
+    record.evaluations = cache["evaluations"]
     log.debug("stage %d level %d (x%g): %d iterations, loss %.6g, %s", record.stage, level, record.factor,
               record.iterations, record.losses[-1] if record.losses else math.nan, record.stop_reason)
     if callback is not None:

@@ -36,7 +36,7 @@ def _translation(t):
     "optimizer",
     [
         {"name": "lbfgs", "lr": 1.0, "params": {"max_iter": 10, "line_search_fn": "strong_wolfe"}},
-        {"name": "adam", "lr": 0.002},
+        {"name": "adam", "lr": 0.05},
         {"name": "sgd", "lr": 0.05, "params": {"momentum": 0.9}},
     ],
     ids=["lbfgs", "adam", "sgd"],

@@ -51,7 +51,7 @@ def test_nearest_keeps_labels_exact():
     labels = Image(torch.randint(0, 300, (1, *grid.shape)), grid)
     rigid = Rigid(3, center=grid.center(), length_scale=10.0)
     with torch.no_grad():
-        rigid.angles.copy_(torch.tensor([0.05, -0.1, 0.2], dtype=torch.float64))
+        rigid.set_angles(torch.tensor([0.05, -0.1, 0.2], dtype=torch.float64))
     warped, _ = warp_linear(labels, grid, rigid.matrix(), mode="nearest")
     assert warped.dtype == labels.data.dtype
     assert set(warped.unique().tolist()) <= set(labels.data.unique().tolist()) | {0}
@@ -65,7 +65,7 @@ def test_linear_warp_matches_simpleitk_resample_across_grids(dim):
                         direction=np.diag([-1.0, 1.0, 1.0][:dim]).ravel(), seed=3)
     tx = Affine(dim, center=fixed_grid.center(), length_scale=20.0)
     with torch.no_grad():
-        tx.matrix_offset.copy_(torch.as_tensor(np.random.default_rng(0).normal(0, 0.05, (dim, dim))))
+        tx.matrix_param.copy_(torch.as_tensor(np.random.default_rng(0).normal(0, 0.05, (dim, dim))) * tx.length_scale)
         tx.set_translation(np.linspace(1, 3, dim))
     warped, inside = warp_linear(moving, fixed_grid, tx.matrix().detach())
     ref_img = image_to_sitk(Image(torch.zeros(1, *fixed_grid.shape), fixed_grid))
@@ -83,7 +83,7 @@ def test_displacement_field_matches_simpleitk_displacement_transform():
     moving = make_image((15, 17, 16), spacing=(1.1, 1.3, 1.0), origin=(2.0, 1.0, 6.0), seed=5)
     tx = Rigid(3, center=fixed.grid.center(), length_scale=10.0)
     with torch.no_grad():
-        tx.angles.copy_(torch.tensor([0.05, 0.02, -0.08], dtype=torch.float64))
+        tx.set_angles(torch.tensor([0.05, 0.02, -0.08], dtype=torch.float64))
         tx.set_translation([0.7, -0.4, 0.3])
     field = linear_displacement(tx.matrix().detach(), fixed)
     warped, inside = warp_linear(moving, fixed.grid, tx.matrix().detach())
@@ -97,7 +97,7 @@ def test_point_warping_by_transform_and_field():
     grid = Grid((10, 11, 12), (1.0, 2.0, 1.5), (5.0, 6.0, 7.0), rotation_direction(3).ravel())
     tx = Rigid(3, center=grid.center(), length_scale=10.0)
     with torch.no_grad():
-        tx.angles.copy_(torch.tensor([0.1, -0.05, 0.2], dtype=torch.float64))
+        tx.set_angles(torch.tensor([0.1, -0.05, 0.2], dtype=torch.float64))
         tx.set_translation([1.0, 2.0, -3.0])
     pts = torch.as_tensor(grid.index_points_to_world(np.array([[2.0, 3.0, 4.0], [7.5, 1.25, 9.0]])))
     field = linear_displacement(tx.matrix().detach(), Image(torch.zeros(1, *grid.shape), grid))

@@ -5,10 +5,12 @@ A transform maps **fixed** world points to **moving** world points (mm), ITK's c
     T(x) = A (x - c) + c + t
 
 with ``c`` the rotation centre (a buffer, not optimised), ``A`` the linear part and ``t`` the
-translation. Parameters are stored in float64 and in scaled units so that one unit of any
-parameter moves points about ``length_scale`` mm (rotations in radians, translations in units of
-``length_scale``, scale as a logarithm, affine entries as offsets from the identity). That keeps
-first-order optimisers (Adam, SGD) balanced between rotation and translation.
+translation. Parameters are stored in float64 in *physical-shift* units: one unit of any
+parameter moves points about 1 mm. Translations are in mm; rotation angles, the log of the scale
+and the affine matrix offsets are stored multiplied by ``length_scale`` (mm, about the image's
+radius), so that a unit moves a point ``length_scale`` mm from the centre by 1 mm. First-order
+optimisers (Adam, SGD) then take balanced steps, learning rates read as millimetres, and the
+first LBFGS step (at most about 1 mm) stays local.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ class LinearTransform(nn.Module):
     Args:
         dim: 2 or 3.
         center: rotation centre ``c`` (mm, world), default the origin.
-        length_scale: mm moved by one unit of a parameter (see module docstring); set it to about
-            half the image's extent.
+        length_scale: radius (mm) at which one unit of a rotation/scale/affine parameter moves a
+            point by 1 mm (see module docstring); set it to about half the image's extent.
     """
 
     kind = "linear"
@@ -93,7 +95,7 @@ class LinearTransform(nn.Module):
 
     def translation(self) -> torch.Tensor:
         """The translation ``t`` in mm ``(D,)``."""
-        return self.translation_param * self.length_scale
+        return self.translation_param
 
     def matrix(self) -> torch.Tensor:
         """Homogeneous ``(D+1, D+1)`` float64 matrix of ``T`` (fixed world -> moving world, mm)."""
@@ -116,7 +118,7 @@ class LinearTransform(nn.Module):
 
     @torch.no_grad()
     def set_translation(self, translation_mm: Sequence[float]) -> None:
-        self.translation_param.copy_(torch.as_tensor(translation_mm, dtype=torch.float64) / self.length_scale)
+        self.translation_param.copy_(torch.as_tensor(translation_mm, dtype=torch.float64))
 
     @torch.no_grad()
     def set_matrix(self, matrix: np.ndarray | torch.Tensor) -> None:
@@ -165,10 +167,18 @@ class Rigid(LinearTransform):
 
     def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
         super().__init__(dim, center, length_scale)
-        self.angles = nn.Parameter(torch.zeros(1 if dim == 2 else 3, dtype=torch.float64))
+        self.rotation_param = nn.Parameter(torch.zeros(1 if dim == 2 else 3, dtype=torch.float64))
+
+    def angles(self) -> torch.Tensor:
+        """Rotation angles in radians (1 in 2D, ``(a_x, a_y, a_z)`` in 3D)."""
+        return self.rotation_param / self.length_scale
+
+    @torch.no_grad()
+    def set_angles(self, radians: Sequence[float]) -> None:
+        self.rotation_param.copy_(torch.as_tensor(radians, dtype=torch.float64).reshape(-1) * self.length_scale)
 
     def rotation(self) -> torch.Tensor:
-        return rotation_matrix(self.angles, self.dim)
+        return rotation_matrix(self.angles(), self.dim)
 
     def linear(self) -> torch.Tensor:
         return self.rotation()
@@ -178,20 +188,21 @@ class Rigid(LinearTransform):
         return u @ vt
 
     def _set_linear(self, a: torch.Tensor) -> None:
-        self.angles.copy_(torch.as_tensor(rotation_angles(a.numpy()), dtype=torch.float64))
+        self.set_angles(rotation_angles(a.numpy()))
 
 
 class Similarity(Rigid):
-    """Isotropic scale times a rotation, plus translation. ``log_scale`` is the log of the scale."""
+    """Isotropic scale times a rotation, plus translation (scale stored as its logarithm)."""
 
     kind = "similarity"
 
     def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
         super().__init__(dim, center, length_scale)
-        self.log_scale = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.log_scale_param = nn.Parameter(torch.zeros(1, dtype=torch.float64))
 
     def scale(self) -> torch.Tensor:
-        return torch.exp(self.log_scale[0])
+        """The isotropic scale factor."""
+        return torch.exp(self.log_scale_param[0] / self.length_scale)
 
     def linear(self) -> torch.Tensor:
         return self.scale() * self.rotation()
@@ -202,24 +213,25 @@ class Similarity(Rigid):
 
     def _set_linear(self, a: torch.Tensor) -> None:
         scale = torch.linalg.svdvals(a).mean()
-        self.log_scale.copy_(torch.log(scale).reshape(1))
+        self.log_scale_param.copy_(torch.log(scale).reshape(1) * self.length_scale)
         super()._set_linear(a / scale)
 
 
 class Affine(LinearTransform):
-    """General linear part ``A = I + P`` (``P`` the ``D x D`` parameter) plus translation."""
+    """General linear part ``A = I + P / length_scale`` (``P`` the ``D x D`` parameter) plus translation."""
 
     kind = "affine"
 
     def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
         super().__init__(dim, center, length_scale)
-        self.matrix_offset = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float64))
+        self.matrix_param = nn.Parameter(torch.zeros(dim, dim, dtype=torch.float64))
 
     def linear(self) -> torch.Tensor:
-        return torch.eye(self.dim, dtype=torch.float64, device=self.matrix_offset.device) + self.matrix_offset
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.matrix_param.device)
+        return eye + self.matrix_param / self.length_scale
 
     def _set_linear(self, a: torch.Tensor) -> None:
-        self.matrix_offset.copy_(a - torch.eye(self.dim, dtype=torch.float64))
+        self.matrix_param.copy_((a - torch.eye(self.dim, dtype=torch.float64)) * self.length_scale)
 
 
 LINEAR_TRANSFORMS: dict[str, type[LinearTransform]] = {
