@@ -101,6 +101,9 @@ class StageConfig(_Strict):
     stopping: StoppingConfig = Field(default_factory=StoppingConfig)
     normalize: Literal["none", "minmax", "percentile"] = "percentile"
     interpolation: Literal["linear", "nearest"] = "linear"
+    #: Pointwise measures (mse, ncc, mi, nmi) use at most this many fixed voxels per level (a
+    #: seeded stratified subset); None uses all. Neighbourhood measures always use all voxels.
+    max_voxels: int | None = Field(None, ge=1000)
 
     @field_validator("objective")
     @classmethod

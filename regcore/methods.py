@@ -21,6 +21,7 @@ _LINEAR_STAGE = {
     "pyramid": {"factors": [4, 2, 1], "iterations": [100, 60, 30]},
     "stopping": {"rel_tol": 1e-6, "patience": 5},
     "normalize": "percentile",
+    "max_voxels": 200_000,
 }
 
 PRESETS: dict[str, dict] = {

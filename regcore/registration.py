@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import MethodConfig, OptimizerConfig, StageConfig, config_hash
@@ -26,7 +27,7 @@ from .io import read_image
 from .losses import build_loss
 from .methods import method_config
 from .pyramid import downsample
-from .sampling import inside_mask, linear_coords, warp_linear
+from .sampling import inside_mask, linear_coords, linear_theta, sample_normalized, stratified_indices, warp_linear
 from .transforms.init import initialize_linear
 from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform
 
@@ -38,6 +39,56 @@ Callback = Callable[[dict[str, Any]], None]
 
 #: Loss returned where the moving image does not overlap the fixed grid at all.
 OUT_OF_VIEW_LOSS = 1e3
+
+#: Measures that compare voxel by voxel, so they can be evaluated on a subset of fixed voxels.
+POINTWISE_MEASURES = frozenset({"mse", "ncc", "mi", "nmi"})
+
+
+class LinearLevel:
+    """One pyramid level's fixed data, and the warping of moving onto it by a linear map.
+
+    With ``max_voxels`` set and a larger fixed image, only a seeded stratified subset of fixed
+    voxels is used (for pointwise measures); tensors are then ``(1, 1, [1,] M)``.
+    """
+
+    def __init__(self, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
+                 mode: str, max_voxels: int | None, seed: int) -> None:
+        self.grid, self.moving, self.moving_mask, self.mode = fixed.grid, moving, moving_mask, mode
+        d = fixed.ndim
+        if max_voxels is not None and fixed.grid.numel > max_voxels:
+            idx = stratified_indices(fixed.grid.numel, max_voxels, seed, fixed.device)
+            index, rest = [], idx
+            for size in reversed(fixed.grid.shape):  # unravel (z, y, x) order into (x, y, z) indices
+                index.append(rest % size)
+                rest = rest // size
+            n = torch.as_tensor(fixed.grid.index_to_normalized(), device=fixed.device)
+            self.points: torch.Tensor | None = torch.stack(index, -1).double() @ n[:d, :d].T + n[:d, d]
+            shape = (1, 1, *([1] * (d - 1)), max_voxels)
+            self.fixed = fixed.data.reshape(-1)[idx].reshape(shape)
+            self.fixed_mask = None if fixed_mask is None else fixed_mask.data.reshape(-1)[idx].reshape(shape)
+            self.voxels = max_voxels
+        else:
+            self.points = None
+            self.fixed = fixed.batch()
+            self.fixed_mask = None if fixed_mask is None else fixed_mask.batch()
+            self.voxels = fixed.grid.numel
+
+    def warp(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(fixed, warped moving, mask)`` batched alike for a fixed -> moving world matrix."""
+        theta = linear_theta(self.grid, self.moving.grid, matrix)
+        d = self.grid.ndim
+        if self.points is None:
+            coords = F.affine_grid(theta.to(self.fixed.dtype)[None], [1, 1, *self.grid.shape], align_corners=True)[0]
+        else:
+            coords = (self.points @ theta[:, :d].T + theta[:, d]).to(self.fixed.dtype)
+        shape = self.fixed.shape
+        warped = sample_normalized(self.moving.data, coords, self.mode).reshape(shape)
+        mask = inside_mask(coords).reshape(shape)
+        if self.moving_mask is not None:
+            mask = mask * sample_normalized(self.moving_mask.data, coords.detach()).reshape(shape)
+        if self.fixed_mask is not None:
+            mask = mask * self.fixed_mask
+        return self.fixed, warped, mask
 
 _OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -114,6 +165,7 @@ class LevelRecord:
     losses: list[float] = field(default_factory=list)
     iterations: int = 0
     evaluations: int = 0
+    voxels: int = 0
     stop_reason: str = ""
     seconds: float = 0.0
 
@@ -270,7 +322,7 @@ def register(
                 downsample(moving_n, factor, stage.pyramid.min_size),
                 downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
                 downsample(mmask, factor, stage.pyramid.min_size) if mmask is not None else None,
-                max_iter, lvl, callback,
+                max_iter, lvl, cfg.seed, callback,
             )
             levels.append(record)
     assert transform is not None
@@ -324,27 +376,26 @@ def _run_level(
     moving_mask: Image | None,
     max_iter: int,
     level: int,
+    seed: int,
     callback: Callback | None,
 ) -> None:
     t0 = time.perf_counter()
     record.size = fixed.grid.size
     optimizer = build_optimizer(stage.optimizer, transform.parameters())
-    fixed_b = fixed.batch()
+    pointwise = all(term.measure in POINTWISE_MEASURES for term in stage.objective)
+    data = LinearLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation,
+                       stage.max_voxels if pointwise else None, seed + level)
+    record.voxels = data.voxels
     params = [p for p in transform.parameters() if p.requires_grad]
     cache: dict[str, Any] = {"evaluations": 0}
 
     def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
         matrix = transform.matrix()
-        warped, inside = warp_linear(moving, fixed.grid, matrix, mode=stage.interpolation)
-        mask = inside
-        if fixed_mask is not None:
-            mask = mask * fixed_mask.data[0]
-        if moving_mask is not None:
-            mask = mask * warp_linear(moving_mask, fixed.grid, matrix.detach())[0][0]
+        fixed_t, warped, mask = data.warp(matrix)
         if not bool((mask > 0).any()):
             # a line search probing far away: a high, flat loss sends it back
             return matrix.sum() * 0 + OUT_OF_VIEW_LOSS, {}
-        loss, parts = objective(fixed_b, warped[None], mask[None, None], fixed.grid.spacing)
+        loss, parts = objective(fixed_t, warped, mask, fixed.grid.spacing)
         if not torch.isfinite(loss):
             raise RegistrationError(f"non-finite loss ({float(loss)}) at stage {record.stage}, level {level}")
         return loss, parts
@@ -376,6 +427,7 @@ def _run_level(
         cache.pop("key")
 
     best, stale = math.inf, 0
+    best_params = [p.detach().clone() for p in params]
     record.stop_reason = "max_iterations"
     for it in range(max_iter):
         # torch optimisers return the closure's value at the parameters the step started from
@@ -385,6 +437,8 @@ def _run_level(
         if callback is not None:
             callback({"event": "iteration", "stage": record.stage, "level": level, "factor": record.factor,
                       "iteration": it, "loss": loss, "terms": cache.get("parts", {})})
+        if loss < best:
+            best_params = [p.detach().clone() for p in params]
         if not math.isfinite(best) or loss < best - stage.stopping.rel_tol * abs(best):
             best, stale = loss, 0
         else:
@@ -393,6 +447,11 @@ def _run_level(
                 record.stop_reason = "converged"
                 break
     final = float(closure().detach()) / cache["scale"]  # loss at the final parameters (cached when just evaluated)
+    if final > best:  # a last step that made things worse (a failed line search): keep the best iterate
+        with torch.no_grad():
+            for p, value in zip(params, best_params):
+                p.copy_(value)
+        final = float(closure().detach()) / cache["scale"]
     if final >= OUT_OF_VIEW_LOSS:
         raise RegistrationError(
             f"stage {record.stage} level {level}: the transform moved the moving image out of the fixed field of view"

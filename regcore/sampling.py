@@ -24,6 +24,7 @@ __all__ = [
     "warp_linear",
     "warp_points_field",
     "resample_displacement",
+    "stratified_indices",
 ]
 
 Mode = Literal["linear", "nearest"]
@@ -126,3 +127,24 @@ def resample_displacement(displacement: Image, grid: Grid) -> Image:
     """Resample a displacement field (mm, world components) onto another grid (mm stay mm)."""
     pts = grid.world_points(displacement.device, displacement.dtype)
     return Image(sample_world(displacement, pts, mode="linear", padding="border"), grid)
+
+
+def stratified_indices(num_voxels: int, num_samples: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Stratified random subset of voxel indices, deterministic for a given ``seed``.
+
+    The flattened voxel order is cut into ``num_samples`` consecutive blocks of (nearly) equal
+    size and one voxel is drawn uniformly from each, with a CPU ``torch.Generator`` seeded by
+    ``seed``. The subset has no repeats, every voxel has inclusion probability ~``n / V``, the
+    samples are spread over the whole image, and the cost is O(``num_samples``) (a full
+    ``randperm`` of a large volume would cost more than the measure itself).
+
+    Returns:
+        ``(num_samples,)`` int64 indices on ``device``, increasing.
+    """
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    bounds = torch.arange(num_samples + 1, dtype=torch.int64) * num_voxels // num_samples
+    start, size = bounds[:-1], bounds[1:] - bounds[:-1]
+    u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+    offset = torch.minimum((u * size).to(torch.int64), size - 1)
+    return (start + offset).to(device)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regcore.errors import InputError
+from regcore.sampling import stratified_indices
 
 __all__ = [
     "gaussian_kernel1d",
@@ -541,27 +542,6 @@ def _parzen_weights(
     return torch.softmax(logits, dim=-1)
 
 
-def _sample_voxels(num_voxels: int, num_samples: int, seed: int, device: torch.device) -> Tensor:
-    """Stratified random subset of voxel indices, deterministic for a given ``seed``.
-
-    The flattened voxel order is cut into ``num_samples`` consecutive blocks of (nearly) equal
-    size and one voxel is drawn uniformly from each, with a CPU ``torch.Generator`` seeded by
-    ``seed``. The subset has no repeats, every voxel has inclusion probability ~``n / V``, the
-    samples are spread over the whole image, and the cost is O(``num_samples``) (a full
-    ``randperm`` of a large volume would cost more than the measure itself).
-
-    Returns:
-        ``(num_samples,)`` int64 indices on ``device``, increasing.
-    """
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    bounds = torch.arange(num_samples + 1, dtype=torch.int64) * num_voxels // num_samples
-    start, size = bounds[:-1], bounds[1:] - bounds[:-1]
-    u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
-    offset = torch.minimum((u * size).to(torch.int64), size - 1)
-    return (start + offset).to(device)
-
-
 def _parzen_entropies(
     fixed: Tensor,
     moving: Tensor,
@@ -592,7 +572,7 @@ def _parzen_entropies(
         if int(num_samples) != num_samples or num_samples < 1:
             raise InputError(f"num_samples must be a positive integer, got {num_samples}")
         if num_samples < num_voxels:
-            index = _sample_voxels(num_voxels, int(num_samples), int(seed), fixed.device)
+            index = stratified_indices(num_voxels, int(num_samples), int(seed), fixed.device)
             f = f.index_select(-1, index)
             m = m.index_select(-1, index)
             if w is not None:
