@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from regcore import Grid, Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: ../shared/data beside the checkout; COHORTREG_SHARED_DATA points elsewhere (e.g. a copy on a GPU machine).
+SHARED_DATA = Path(os.environ.get("COHORTREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
