@@ -4,7 +4,8 @@
 
 * ``DIR/warped.nii.gz``        moving resampled on the fixed grid;
 * ``DIR/displacement.nii.gz``  ITK displacement field (fixed grid, world mm, components x,y,z);
-* ``DIR/transform.tfm``        the linear transform as an ITK transform file;
+* ``DIR/transform.tfm``        the linear part as an ITK transform file;
+* ``DIR/jacobian.nii.gz``      Jacobian determinant of the full map (deformable methods);
 * ``DIR/result.json``          method, full config, config hash, loss per level, iterations,
   seconds, device and the fitted transform's parameters.
 
@@ -42,6 +43,8 @@ def write_outputs(result: RegistrationResult, out: str | Path) -> dict[str, Path
         "displacement": write_displacement(result.displacement, out / "displacement.nii.gz"),
         "transform": write_linear_transform(result.transform, out / "transform.tfm"),
     }
+    if result.jacobian is not None:
+        paths["jacobian"] = write_image(result.jacobian, out / "jacobian.nii.gz")
     summary = result.summary()
     summary["outputs"] = {k: p.name for k, p in paths.items()}
     paths["result"] = out / "result.json"
@@ -107,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="register MOVING to FIXED and write the results to --out")
     reg.add_argument("fixed", help="fixed image (any SimpleITK format, or a DICOM folder)")
     reg.add_argument("moving", help="moving image")
-    reg.add_argument("--method", default="affine", help=f"preset: {', '.join(available_methods())}")
+    reg.add_argument("--method", default="affine",
+                     help=f"preset: {', '.join(available_methods())}, or a chain such as affine+svf")
     reg.add_argument("--config", help="YAML overrides deep-merged over the preset")
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--fixed-mask", help="binary mask on the fixed grid")

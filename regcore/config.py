@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 MEASURES = ("mse", "ncc", "lncc", "ssim", "mi", "nmi", "ngf")
+LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
+DEFORMABLE_KINDS = ("dense", "ffd", "wendland", "svf")
+REGULARIZERS = ("diffusion", "tv", "tv_aniso", "l1", "bending", "jacobian")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs", "rmsprop", "adagrad")
 
 
@@ -45,6 +48,22 @@ class TermConfig(_Strict):
     measure: Literal[MEASURES]  # type: ignore[valid-type]
     weight: float = Field(1.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RegularizerConfig(_Strict):
+    """One weighted regulariser of a deformable stage: ``weight * regulariser(field, **params)``."""
+
+    name: Literal[REGULARIZERS]  # type: ignore[valid-type]
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SmoothingConfig(_Strict):
+    """Demons-style Gaussian smoothing (standard deviations in mm) of each update (the gradient,
+    fluid-like) and of the field after each step (diffusion-like), as AirLab's demons regulariser."""
+
+    update_sigma_mm: float = Field(0.0, ge=0)
+    field_sigma_mm: float = Field(0.0, ge=0)
 
 
 class OptimizerConfig(_Strict):
@@ -91,10 +110,21 @@ class StoppingConfig(_Strict):
 
 
 class StageConfig(_Strict):
-    """One transform fitted over one pyramid."""
+    """One transform fitted over one pyramid.
 
-    transform: Literal["translation", "rigid", "similarity", "affine"]
+    Linear stages (``translation`` ... ``affine``) fit a linear map; deformable stages (``dense``,
+    ``ffd``, ``wendland``, ``svf``) fit a displacement in the fixed space that is followed by the
+    linear map of the stages before (``init`` of a first, deformable stage may centre the images
+    with a translation). ``transform_params`` go to the transform's constructor (e.g.
+    ``control_spacing_mm`` for ``ffd``); ``regularizers`` and ``smoothing`` apply to deformable
+    stages only.
+    """
+
+    transform: Literal[LINEAR_KINDS + DEFORMABLE_KINDS]  # type: ignore[valid-type]
     init: Literal["none", "geometry", "moments", "previous"] = "geometry"
+    transform_params: dict[str, Any] = Field(default_factory=dict)
+    regularizers: list[RegularizerConfig] = Field(default_factory=list)
+    smoothing: SmoothingConfig | None = None
     objective: list[TermConfig] = Field(default_factory=lambda: [TermConfig(measure="ncc")])
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     pyramid: PyramidConfig = Field(default_factory=PyramidConfig)
@@ -112,6 +142,16 @@ class StageConfig(_Strict):
             raise ValueError("objective needs at least one term")
         return v
 
+    @property
+    def deformable(self) -> bool:
+        return self.transform in DEFORMABLE_KINDS
+
+    @model_validator(mode="after")
+    def _deformable_only(self) -> "StageConfig":
+        if not self.deformable and (self.regularizers or self.smoothing is not None):
+            raise ValueError(f"regularizers and smoothing apply to deformable stages, not to {self.transform!r}")
+        return self
+
 
 class MethodConfig(_Strict):
     """A named registration method: stages run in order, each starting from the previous one."""
@@ -125,6 +165,9 @@ class MethodConfig(_Strict):
     def _stages(cls, v: list[StageConfig]) -> list[StageConfig]:
         if not v:
             raise ValueError("a method needs at least one stage")
+        deformable = [i for i, stage in enumerate(v) if stage.deformable]
+        if len(deformable) > 1 or (deformable and deformable[0] != len(v) - 1):
+            raise ValueError("a method has at most one deformable stage, and it comes last")
         return v
 
 

@@ -8,8 +8,17 @@ import numpy as np
 import torch
 
 from .image import Image
+from .points import map_points
 
-__all__ = ["dice_per_label", "mean_dice", "point_distances", "foreground_corners", "matrix_point_error"]
+__all__ = [
+    "dice_per_label",
+    "mean_dice",
+    "point_distances",
+    "landmark_tre",
+    "foreground_corners",
+    "matrix_point_error",
+    "inverse_consistency",
+]
 
 
 def dice_per_label(a: Image | torch.Tensor, b: Image | torch.Tensor, labels: Sequence[int] | None = None) -> dict[int, float]:
@@ -71,3 +80,21 @@ def matrix_point_error(m1: np.ndarray | torch.Tensor, m2: np.ndarray | torch.Ten
     pa = points @ a[:d, :d].T + a[:d, d]
     pb = points @ b[:d, :d].T + b[:d, d]
     return point_distances(pa, pb)
+
+
+def landmark_tre(fixed_points: np.ndarray, moving_points: np.ndarray, displacement: Image) -> np.ndarray:
+    """Target registration error (mm) per landmark: fixed points mapped by ``T(x) = x + U(x)``
+    (into moving space, the direction backward warping fits) against their moving partners."""
+    return point_distances(map_points(fixed_points, displacement), moving_points)
+
+
+def inverse_consistency(forward: torch.Tensor, inverse: torch.Tensor, grid) -> dict[str, float]:
+    """``|x + f(x) + i(x + f(x)) - x|`` (mm) over the grid, for a field ``f`` and its claimed
+    inverse ``i`` (both ``(D, *grid.shape)``): mean and max, in mm."""
+    from .sampling import sample_world
+
+    pts = grid.world_points(device=forward.device, dtype=forward.dtype)
+    moved = pts + torch.movedim(forward, 0, -1)
+    back = moved + torch.movedim(sample_world(Image(inverse, grid), moved, padding="border"), 0, -1)
+    err = (back - pts).norm(dim=-1)
+    return {"mean_mm": float(err.mean()), "max_mm": float(err.max())}

@@ -38,8 +38,47 @@ PRESETS: dict[str, dict] = {
 }
 
 
+_DEFORMABLE_STAGE = {
+    "init": "previous",
+    "objective": [{"measure": "lncc", "params": {"window": 7}}],
+    "optimizer": {"name": "adam", "lr": 0.5},
+    "pyramid": {"factors": [4, 2], "iterations": [100, 60]},
+    "stopping": {"rel_tol": 1e-5, "patience": 15},
+    "normalize": "percentile",
+}
+
+PRESETS.update(
+    {
+        # cubic B-spline FFD, control points every 6 mm, bending energy
+        "ffd": {"name": "ffd", "stages": [dict(_DEFORMABLE_STAGE, transform="ffd",
+                                               transform_params={"control_spacing_mm": 6.0},
+                                               regularizers=[{"name": "bending", "weight": 1.0}])]},
+        # stationary velocity field on a 2x coarser grid, exponentiated by scaling and squaring
+        "svf": {"name": "svf", "stages": [dict(_DEFORMABLE_STAGE, transform="svf",
+                                               transform_params={"control_factor": 2.0},
+                                               regularizers=[{"name": "diffusion", "weight": 0.5}])]},
+        # diffeomorphic demons: velocity updates smoothed (fluid) and the field smoothed (diffusion)
+        "demons": {"name": "demons", "stages": [dict(_DEFORMABLE_STAGE, transform="svf",
+                                                     objective=[{"measure": "mse"}],
+                                                     transform_params={"control_factor": 1.0},
+                                                     smoothing={"update_sigma_mm": 1.0, "field_sigma_mm": 1.0})]},
+    }
+)
+
+
 def available_methods() -> list[str]:
+    """Preset names; any ``linear+deformable`` chain of them (``affine+svf``) is valid too."""
     return sorted(PRESETS)
+
+
+def _preset(name: str) -> dict:
+    """A preset by name; ``a+b`` chains the stages of ``a`` and ``b``."""
+    parts = name.split("+")
+    for part in parts:
+        if part not in PRESETS:
+            raise InputError(f"unknown method {name!r}; available: {', '.join(available_methods())} and chains such as affine+svf")
+    stages = [stage for part in parts for stage in copy.deepcopy(PRESETS[part]["stages"])]
+    return {"name": name, "stages": stages}
 
 
 def method_config(method: str | dict | MethodConfig, overrides: dict | str | Path | None = None) -> MethodConfig:
@@ -55,9 +94,7 @@ def method_config(method: str | dict | MethodConfig, overrides: dict | str | Pat
     elif isinstance(method, dict):
         base = copy.deepcopy(method)
     else:
-        if method not in PRESETS:
-            raise InputError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
-        base = copy.deepcopy(PRESETS[method])
+        base = _preset(method)
     source = "config"
     if overrides is not None:
         if isinstance(overrides, (str, Path)):

@@ -6,168 +6,37 @@ progress goes to an optional ``callback(event: dict)`` and to :mod:`logging`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .config import MethodConfig, OptimizerConfig, StageConfig, config_hash
-from .errors import InputError, RegistrationError
+from .config import MethodConfig, StageConfig, config_hash
+from .errors import InputError
+from .grid import Grid
 from .image import Image
 from .intensity import normalize_intensity
 from .io import read_image
-from .losses import build_loss
+from .levels import POINTWISE_MEASURES, DeformableLevel, LinearLevel
 from .methods import method_config
-from .pyramid import downsample
-from .sampling import inside_mask, linear_coords, linear_theta, sample_normalized, stratified_indices, warp_linear
+from .objective import Objective
+from .optimize import OUT_OF_VIEW_LOSS, Callback, LevelRecord, optimize_level
+from .pyramid import downsample, gaussian_smooth
+from .regularizers import jacobian_determinant
+from .sampling import inside_mask, linear_coords, warp_linear
+from .transforms.deformable import DeformableTransform, DenseDisplacement, deformable_transform_class
 from .transforms.init import initialize_linear
-from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform
+from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform, Translation
+from .transforms.svf import StationaryVelocityField
 
-__all__ = ["register", "RegistrationResult", "LevelRecord", "Objective", "build_optimizer", "check_pair"]
+__all__ = ["register", "RegistrationResult", "LevelRecord", "check_pair", "linear_displacement"]
 
 log = logging.getLogger(__name__)
-
-Callback = Callable[[dict[str, Any]], None]
-
-#: Loss returned where the moving image does not overlap the fixed grid at all.
-OUT_OF_VIEW_LOSS = 1e3
-
-#: Measures that compare voxel by voxel, so they can be evaluated on a subset of fixed voxels.
-POINTWISE_MEASURES = frozenset({"mse", "ncc", "mi", "nmi"})
-
-
-class LinearLevel:
-    """One pyramid level's fixed data, and the warping of moving onto it by a linear map.
-
-    With ``max_voxels`` set and a larger fixed image, only a seeded stratified subset of fixed
-    voxels is used (for pointwise measures); tensors are then ``(1, 1, [1,] M)``.
-    """
-
-    def __init__(self, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
-                 mode: str, max_voxels: int | None, seed: int) -> None:
-        self.grid, self.moving, self.moving_mask, self.mode = fixed.grid, moving, moving_mask, mode
-        d = fixed.ndim
-        if max_voxels is not None and fixed.grid.numel > max_voxels:
-            idx = stratified_indices(fixed.grid.numel, max_voxels, seed, fixed.device)
-            index, rest = [], idx
-            for size in reversed(fixed.grid.shape):  # unravel (z, y, x) order into (x, y, z) indices
-                index.append(rest % size)
-                rest = rest // size
-            n = torch.as_tensor(fixed.grid.index_to_normalized(), device=fixed.device)
-            self.points: torch.Tensor | None = torch.stack(index, -1).double() @ n[:d, :d].T + n[:d, d]
-            shape = (1, 1, *([1] * (d - 1)), max_voxels)
-            self.fixed = fixed.data.reshape(-1)[idx].reshape(shape)
-            self.fixed_mask = None if fixed_mask is None else fixed_mask.data.reshape(-1)[idx].reshape(shape)
-            self.voxels = max_voxels
-        else:
-            self.points = None
-            self.fixed = fixed.batch()
-            self.fixed_mask = None if fixed_mask is None else fixed_mask.batch()
-            self.voxels = fixed.grid.numel
-
-    def warp(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(fixed, warped moving, mask)`` batched alike for a fixed -> moving world matrix."""
-        theta = linear_theta(self.grid, self.moving.grid, matrix)
-        d = self.grid.ndim
-        if self.points is None:
-            coords = F.affine_grid(theta.to(self.fixed.dtype)[None], [1, 1, *self.grid.shape], align_corners=True)[0]
-        else:
-            coords = (self.points @ theta[:, :d].T + theta[:, d]).to(self.fixed.dtype)
-        shape = self.fixed.shape
-        warped = sample_normalized(self.moving.data, coords, self.mode).reshape(shape)
-        mask = inside_mask(coords).reshape(shape)
-        if self.moving_mask is not None:
-            mask = mask * sample_normalized(self.moving_mask.data, coords.detach()).reshape(shape)
-        if self.fixed_mask is not None:
-            mask = mask * self.fixed_mask
-        return self.fixed, warped, mask
-
-_OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "lbfgs": torch.optim.LBFGS,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-}
-
-
-class Objective(nn.Module):
-    """Weighted sum of similarity terms. ``forward`` returns ``(total, {name: value})``."""
-
-    def __init__(self, terms: list[tuple[str, float, nn.Module]]) -> None:
-        super().__init__()
-        self.names = [n for n, _, _ in terms]
-        self.weights = [float(w) for _, w, _ in terms]
-        self.terms = nn.ModuleList([m for _, _, m in terms])
-        self._takes_spacing = ["spacing" in inspect.signature(m.forward).parameters for m in self.terms]
-
-    def forward(
-        self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None, spacing: tuple[float, ...]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        total = fixed.new_zeros(())
-        parts: dict[str, float] = {}
-        for name, weight, term, takes_spacing in zip(self.names, self.weights, self.terms, self._takes_spacing):
-            value = term(fixed, warped, mask, spacing=spacing) if takes_spacing else term(fixed, warped, mask)
-            parts[name] = float(value.detach())
-            total = total + weight * value
-        return total, parts
-
-    @classmethod
-    def from_config(cls, stage: StageConfig, seed: int) -> "Objective":
-        terms = []
-        for term in stage.objective:
-            params = dict(term.params)
-            if term.measure in ("mi", "nmi"):
-                params.setdefault("seed", seed)
-            try:
-                terms.append((term.measure, term.weight, build_loss(term.measure, **params)))
-            except TypeError as exc:
-                raise InputError(f"objective term {term.measure!r}: bad params {term.params} ({exc})") from exc
-        return cls(terms)
-
-
-def build_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
-    """A torch optimiser from its config (name, learning rate, extra constructor arguments)."""
-    cls = _OPTIMIZERS[config.name]
-    kwargs = dict(config.params)
-    if config.name == "lbfgs":
-        # torch's default max_eval (1.25 max_iter) leaves no line-search evaluations when one
-        # LBFGS iteration is taken per step, as regcore's loop does
-        kwargs.setdefault("max_eval", max(kwargs.get("max_iter", 20) * 5 // 4, 25))
-    try:
-        return cls(params, lr=config.lr, **kwargs)
-    except TypeError as exc:
-        raise InputError(f"optimizer {config.name!r}: bad params {config.params} ({exc})") from exc
-
-
-@dataclass
-class LevelRecord:
-    """What happened at one pyramid level of one stage.
-
-    ``losses[i]`` is the loss before iteration ``i``; the last entry is the loss at the level's
-    final parameters (so ``len(losses) == iterations + 1``). ``evaluations`` counts objective
-    evaluations (line searches make several per iteration).
-    """
-
-    stage: int
-    transform: str
-    factor: float
-    size: tuple[int, ...]
-    losses: list[float] = field(default_factory=list)
-    iterations: int = 0
-    evaluations: int = 0
-    voxels: int = 0
-    stop_reason: str = ""
-    seconds: float = 0.0
 
 
 @dataclass
@@ -175,10 +44,14 @@ class RegistrationResult:
     """The outcome of :func:`register`.
 
     Attributes:
-        transform: the fitted transform (fixed world -> moving world, mm).
+        transform: the fitted linear map (fixed world -> moving world, mm); a zero translation
+            when the method has no linear stage.
+        deformable: the fitted deformable transform (``None`` for linear methods). The full map is
+            ``T(x) = transform(x + u(x))`` with ``u = deformable.displacement(grid)``.
         warped: moving resampled on the fixed grid (original intensities), ``(1, *fixed.shape)``.
-        displacement: ``u(x) = T(x) - x`` on the fixed grid, ``(D, *fixed.shape)``, world mm,
-            channels ``(x, y[, z])``: what an ITK ``DisplacementFieldTransform`` expects.
+        displacement: ``T(x) - x`` on the fixed grid, ``(D, *fixed.shape)``, world mm, channels
+            ``(x, y[, z])``: what an ITK ``DisplacementFieldTransform`` expects.
+        jacobian: determinant of the Jacobian of ``T`` on the fixed grid (deformable methods).
         levels: per stage and pyramid level: losses per iteration, iterations, stop reason.
     """
 
@@ -186,8 +59,10 @@ class RegistrationResult:
     config: MethodConfig
     config_hash: str
     transform: LinearTransform
+    deformable: DeformableTransform | None
     warped: Image
     displacement: Image
+    jacobian: Image | None
     levels: list[LevelRecord]
     seconds: float
     device: str
@@ -205,7 +80,7 @@ class RegistrationResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record: method, full config, hash, losses per level, iterations, time, device."""
-        return {
+        out = {
             "method": self.method,
             "config": self.config.model_dump(mode="json"),
             "config_hash": self.config_hash,
@@ -216,6 +91,16 @@ class RegistrationResult:
             "device": self.device,
             "transform": self.transform.describe(),
         }
+        if self.deformable is not None:
+            out["deformable"] = {"type": self.deformable.kind}
+        if self.jacobian is not None:
+            det = self.jacobian.data
+            out["jacobian"] = {
+                "min": float(det.min()),
+                "max": float(det.max()),
+                "fraction_nonpositive": float((det <= 0).double().mean()),
+            }
+        return out
 
 
 def _as_image(value: Image | str | Path, name: str) -> Image:
@@ -296,51 +181,90 @@ def register(
     mmask = _check_mask(moving_mask.to(dev) if moving_mask is not None else None, moving_orig, "moving mask")
 
     levels: list[LevelRecord] = []
-    transform: LinearTransform | None = None
+    linear: LinearTransform | None = None
+    deformable: DeformableTransform | None = None
     for s, stage in enumerate(cfg.stages):
-        previous = transform
-        transform = _make_transform(stage, fixed).to(dev)
-        if stage.init == "previous":
-            if previous is None:
-                initialize_linear(transform, fixed, moving_orig, "geometry", fmask, mmask)
-            else:
-                transform.set_center(previous.center.cpu())
-                transform.set_matrix(previous.matrix().detach().cpu())
-        else:
-            initialize_linear(transform, fixed, moving_orig, stage.init, fmask, mmask)
-        _check_overlap(fixed, moving_orig, transform, fixed_name, moving_name)
         fixed_n = fixed.with_data(normalize_intensity(fixed.data, stage.normalize, mask=None if fmask is None else fmask.data))
         moving_n = moving_orig.with_data(
             normalize_intensity(moving_orig.data, stage.normalize, mask=None if mmask is None else mmask.data)
         )
         objective = Objective.from_config(stage, cfg.seed).to(dev)
+        if stage.deformable:
+            if linear is None:  # a deformable first stage: centre the images with a translation
+                linear = Translation(fixed.ndim).to(dev)
+                initialize_linear(linear, fixed, moving_orig, "none" if stage.init == "previous" else stage.init, fmask, mmask)
+                _check_overlap(fixed, moving_orig, linear, fixed_name, moving_name)
+            deformable = _make_deformable(stage, fixed).to(dev)
+        else:
+            previous = linear
+            linear = _make_transform(stage, fixed).to(dev)
+            if stage.init == "previous" and previous is not None:
+                linear.set_center(previous.center.cpu())
+                linear.set_matrix(previous.matrix().detach().cpu())
+            else:
+                initialize_linear(linear, fixed, moving_orig, "geometry" if stage.init == "previous" else stage.init, fmask, mmask)
+            _check_overlap(fixed, moving_orig, linear, fixed_name, moving_name)
         for lvl, (factor, max_iter) in enumerate(zip(stage.pyramid.factors, stage.pyramid.iterations)):
             record = LevelRecord(s, stage.transform, factor, ())
-            _run_level(
-                record, stage, transform, objective,
+            args = (
                 downsample(fixed_n, factor, stage.pyramid.min_size),
                 downsample(moving_n, factor, stage.pyramid.min_size),
                 downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
                 downsample(mmask, factor, stage.pyramid.min_size) if mmask is not None else None,
-                max_iter, lvl, cfg.seed, callback,
             )
+            if stage.deformable:
+                _deformable_level(record, stage, deformable, linear.matrix().detach(), objective, *args,
+                                  max_iter, lvl, callback)
+            else:
+                _linear_level(record, stage, linear, objective, *args, max_iter, lvl, cfg.seed, callback)
             levels.append(record)
-    assert transform is not None
+    assert linear is not None
     with torch.no_grad():
-        matrix = transform.matrix()
-        warped, _ = warp_linear(moving_orig, fixed.grid, matrix, mode=cfg.stages[-1].interpolation)
-        displacement = linear_displacement(matrix, fixed)
+        matrix = linear.matrix()
+        mode = cfg.stages[-1].interpolation
+        if deformable is None:
+            warped, _ = warp_linear(moving_orig, fixed.grid, matrix, mode=mode)
+            displacement, jacobian = linear_displacement(matrix, fixed), None
+        else:
+            warped, displacement = _compose(deformable, matrix, fixed, moving_orig, mode)
+            direction = torch.as_tensor(fixed.grid.direction_matrix, dtype=displacement.dtype, device=dev)
+            det = jacobian_determinant(displacement.data[None], spacing=fixed.grid.spacing, direction=direction)
+            jacobian = Image(det, fixed.grid)
     return RegistrationResult(
         method=cfg.name,
         config=cfg,
         config_hash=config_hash(cfg),
-        transform=transform,
+        transform=linear,
+        deformable=deformable,
         warped=Image(warped, fixed.grid),
         displacement=displacement,
+        jacobian=jacobian,
         levels=levels,
         seconds=time.perf_counter() - t0,
         device=str(dev),
     )
+
+
+def _compose(deformable: DeformableTransform, matrix: torch.Tensor, fixed: Image, moving: Image, mode: str) -> tuple[torch.Tensor, Image]:
+    """Warped moving and the total displacement ``M (x + u(x)) - x`` on the fixed grid."""
+    data = DeformableLevel(fixed, moving, None, None, mode, matrix)
+    u = deformable.displacement(fixed.grid)
+    _, warped, _ = data.warp(u)
+    d = fixed.ndim
+    m = matrix.to(data.points.dtype)
+    mapped = (data.points + torch.movedim(u, 0, -1)) @ m[:d, :d].T + m[:d, d]
+    return warped[0], Image(torch.movedim(mapped - data.points, -1, 0), fixed.grid)
+
+
+def _make_deformable(stage: StageConfig, fixed: Image) -> DeformableTransform:
+    cls = deformable_transform_class(stage.transform)
+    params = dict(stage.transform_params)
+    if stage.transform == "svf" and "control_factor" in params:  # velocity on a coarser grid, by factor
+        params["control_grid"] = fixed.grid.downsample(float(params.pop("control_factor")), min_size=4)
+    try:
+        return cls(fixed.grid, **params)
+    except TypeError as exc:
+        raise InputError(f"transform {stage.transform!r}: bad transform_params {stage.transform_params} ({exc})") from exc
 
 
 def linear_displacement(matrix: torch.Tensor, fixed: Image) -> Image:
@@ -365,101 +289,82 @@ def _check_overlap(fixed: Image, moving: Image, transform: LinearTransform, fixe
         )
 
 
-def _run_level(
-    record: LevelRecord,
-    stage: StageConfig,
-    transform: LinearTransform,
-    objective: Objective,
-    fixed: Image,
-    moving: Image,
-    fixed_mask: Image | None,
-    moving_mask: Image | None,
-    max_iter: int,
-    level: int,
-    seed: int,
-    callback: Callback | None,
+def _linear_level(
+    record: LevelRecord, stage: StageConfig, transform: LinearTransform, objective: Objective,
+    fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
+    max_iter: int, level: int, seed: int, callback: Callback | None,
 ) -> None:
-    t0 = time.perf_counter()
     record.size = fixed.grid.size
-    optimizer = build_optimizer(stage.optimizer, transform.parameters())
     pointwise = all(term.measure in POINTWISE_MEASURES for term in stage.objective)
     data = LinearLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation,
                        stage.max_voxels if pointwise else None, seed + level)
     record.voxels = data.voxels
-    params = [p for p in transform.parameters() if p.requires_grad]
-    cache: dict[str, Any] = {"evaluations": 0}
 
     def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
         matrix = transform.matrix()
         fixed_t, warped, mask = data.warp(matrix)
-        if not bool((mask > 0).any()):
-            # a line search probing far away: a high, flat loss sends it back
+        if not bool((mask > 0).any()):  # a line search probing far away: a high, flat loss sends it back
             return matrix.sum() * 0 + OUT_OF_VIEW_LOSS, {}
-        loss, parts = objective(fixed_t, warped, mask, fixed.grid.spacing)
-        if not torch.isfinite(loss):
-            raise RegistrationError(f"non-finite loss ({float(loss)}) at stage {record.stage}, level {level}")
+        return objective.similarity(fixed_t, warped, mask, fixed.grid.spacing)
+
+    params = [p for p in transform.parameters() if p.requires_grad]
+    optimize_level(record, stage, params, evaluate, max_iter, level, callback)
+
+
+def _smoother(sigma_mm: float, grid: Grid) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gaussian smoothing (sigma in mm) of a field ``(D, *grid.shape)``."""
+    sigma = [sigma_mm / sp for sp in reversed(grid.spacing)]  # tensor dim order
+    return lambda field: gaussian_smooth(field, sigma)
+
+
+def _field_parameter(transform: DeformableTransform) -> tuple[torch.nn.Parameter, Grid]:
+    """The grid-shaped parameter demons smoothing acts on, and its grid."""
+    if isinstance(transform, StationaryVelocityField):
+        return transform.velocity, transform.velocity_grid
+    if isinstance(transform, DenseDisplacement):
+        return transform.field, transform.field_grid
+    raise InputError(f"demons smoothing needs a 'dense' or 'svf' transform, not {transform.kind!r}")
+
+
+def _deformable_level(
+    record: LevelRecord, stage: StageConfig, transform: DeformableTransform, matrix: torch.Tensor,
+    objective: Objective, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
+    max_iter: int, level: int, callback: Callback | None,
+) -> None:
+    record.size = fixed.grid.size
+    grid = fixed.grid
+    transform.set_level(grid)
+    data = DeformableLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation, matrix)
+    record.voxels = data.voxels
+
+    def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
+        u = transform.displacement(grid)
+        fixed_t, warped, mask = data.warp(u)
+        if not bool((mask > 0).any()):
+            return u.sum() * 0 + OUT_OF_VIEW_LOSS, {}
+        loss, parts = objective.similarity(fixed_t, warped, mask, grid.spacing)
+        if objective.has_regularizers:
+            reg, reg_parts = objective.regularization(transform.regularization_field(grid), grid)
+            loss = loss + reg
+            parts.update(reg_parts)
         return loss, parts
 
-    def closure() -> torch.Tensor:
-        """Loss times ``cache['scale']`` (see below) with its gradient; raw loss in the cache."""
-        # LBFGS re-evaluates the point its line search ended on: answer that from the cache.
-        key = torch.cat([p.detach().reshape(-1) for p in params])
-        if "key" in cache and torch.equal(cache["key"], key):
-            for p, g in zip(params, cache["grads"]):
-                p.grad = g.clone()
-            return cache["loss"]
-        optimizer.zero_grad()
-        loss, parts = evaluate()
-        scaled = loss * cache.setdefault("scale", 1.0)
-        scaled.backward()
-        cache["evaluations"] += 1
-        cache.update(key=key, loss=scaled.detach(), raw=float(loss.detach()), parts=parts,
-                     grads=[p.grad.detach().clone() for p in params])
-        return scaled
+    params = [p for p in transform.parameters() if p.requires_grad]
+    hooks, after_step = [], None
+    smoothing = stage.smoothing
+    if smoothing is not None and (smoothing.update_sigma_mm > 0 or smoothing.field_sigma_mm > 0):
+        field, field_grid = _field_parameter(transform)
+        if smoothing.update_sigma_mm > 0:
+            hooks.append(field.register_hook(_smoother(smoothing.update_sigma_mm, field_grid)))
+        if smoothing.field_sigma_mm > 0:
+            smooth_field = _smoother(smoothing.field_sigma_mm, field_grid)
 
-    # Scale the objective so that its largest initial gradient component is 1 per mm (parameters
-    # are in physical-shift units): the first LBFGS step then moves at most ~1 mm, SGD learning
-    # rates read as mm, and float32 losses stay well resolved. The optimum is unchanged.
-    closure()
-    gmax = max(float(g.abs().max()) for g in cache["grads"]) if params else 0.0
-    if gmax > 0 and math.isfinite(gmax):
-        cache["scale"] = 1.0 / gmax
-        cache.pop("key")
+            def after_step() -> None:
+                with torch.no_grad():
+                    field.copy_(smooth_field(field))
 
-    best, stale = math.inf, 0
-    best_params = [p.detach().clone() for p in params]
-    record.stop_reason = "max_iterations"
-    for it in range(max_iter):
-        # torch optimisers return the closure's value at the parameters the step started from
-        loss = float(optimizer.step(closure).detach()) / cache["scale"]
-        record.losses.append(loss)
-        record.iterations = it + 1
-        if callback is not None:
-            callback({"event": "iteration", "stage": record.stage, "level": level, "factor": record.factor,
-                      "iteration": it, "loss": loss, "terms": cache.get("parts", {})})
-        if loss < best:
-            best_params = [p.detach().clone() for p in params]
-        if not math.isfinite(best) or loss < best - stage.stopping.rel_tol * abs(best):
-            best, stale = loss, 0
-        else:
-            stale += 1
-            if stale >= stage.stopping.patience:
-                record.stop_reason = "converged"
-                break
-    final = float(closure().detach()) / cache["scale"]  # loss at the final parameters (cached when just evaluated)
-    if final > best:  # a last step that made things worse (a failed line search): keep the best iterate
-        with torch.no_grad():
-            for p, value in zip(params, best_params):
-                p.copy_(value)
-        final = float(closure().detach()) / cache["scale"]
-    if final >= OUT_OF_VIEW_LOSS:
-        raise RegistrationError(
-            f"stage {record.stage} level {level}: the transform moved the moving image out of the fixed field of view"
-        )
-    record.losses.append(final)
-    record.seconds = time.perf_counter() - t0
-    record.evaluations = cache["evaluations"]
-    log.debug("stage %d level %d (x%g): %d iterations, loss %.6g, %s", record.stage, level, record.factor,
-              record.iterations, record.losses[-1] if record.losses else math.nan, record.stop_reason)
-    if callback is not None:
-        callback({"event": "level", **asdict(record)})
+    try:
+        optimize_level(record, stage, params, evaluate, max_iter, level, callback, after_step)
+    finally:
+        for hook in hooks:
+            hook.remove()
