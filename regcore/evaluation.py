@@ -33,6 +33,7 @@ def dice_per_label(a: Image | torch.Tensor, b: Image | torch.Tensor, labels: Seq
         raise ValueError(f"label maps differ in size: {ta.numel()} vs {tb.numel()} voxels")
     if labels is None:
         labels = sorted((set(torch.unique(ta).tolist()) | set(torch.unique(tb).tolist())) - {0})
+    labels = [int(lab) for lab in labels]
     n = int(max(int(ta.max()), int(tb.max()), max(labels, default=0))) + 1
     count_a = torch.bincount(ta, minlength=n).double()
     count_b = torch.bincount(tb, minlength=n).double()

@@ -41,7 +41,9 @@ PRESETS: dict[str, dict] = {
 _DEFORMABLE_STAGE = {
     "init": "previous",
     "objective": [{"measure": "lncc", "params": {"window": 7}}],
-    "optimizer": {"name": "adam", "lr": 0.5},
+    # plain gradient descent on the objective scaled to a unit initial gradient: the largest
+    # update is ~lr mm; Adam's per-voxel normalisation would amplify noise in flat regions
+    "optimizer": {"name": "sgd", "lr": 1.0, "params": {"momentum": 0.9}},
     "pyramid": {"factors": [4, 2], "iterations": [100, 60]},
     "stopping": {"rel_tol": 1e-5, "patience": 15},
     "normalize": "percentile",
@@ -52,15 +54,18 @@ PRESETS.update(
         # cubic B-spline FFD, control points every 6 mm, bending energy
         "ffd": {"name": "ffd", "stages": [dict(_DEFORMABLE_STAGE, transform="ffd",
                                                transform_params={"control_spacing_mm": 6.0},
-                                               regularizers=[{"name": "bending", "weight": 1.0}])]},
-        # stationary velocity field on a 2x coarser grid, exponentiated by scaling and squaring
+                                               regularizers=[{"name": "bending", "weight": 10.0}])]},
+        # stationary velocity field on a 2x coarser grid, exponentiated by scaling and squaring;
+        # updates smoothed (fluid-like) plus a little diffusion
         "svf": {"name": "svf", "stages": [dict(_DEFORMABLE_STAGE, transform="svf",
                                                transform_params={"control_factor": 2.0},
-                                               regularizers=[{"name": "diffusion", "weight": 0.5}])]},
-        # diffeomorphic demons: velocity updates smoothed (fluid) and the field smoothed (diffusion)
+                                               regularizers=[{"name": "diffusion", "weight": 2.0}],
+                                               smoothing={"update_sigma_mm": 2.0})]},
+        # diffeomorphic demons: SSD, velocity updates smoothed (fluid) and the field smoothed
+        # (diffusion) after every step, as AirLab's demons regulariser
         "demons": {"name": "demons", "stages": [dict(_DEFORMABLE_STAGE, transform="svf",
                                                      objective=[{"measure": "mse"}],
-                                                     transform_params={"control_factor": 1.0},
+                                                     transform_params={"control_factor": 2.0},
                                                      smoothing={"update_sigma_mm": 1.0, "field_sigma_mm": 1.0})]},
     }
 )

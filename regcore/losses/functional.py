@@ -207,6 +207,19 @@ def gaussian_kernel1d(
     return kernel / kernel.sum()
 
 
+def _box_filter(y: Tensor, axis: int, radius: int) -> Tensor:
+    """Sum over the window ``[i - radius, i + radius]`` along ``axis`` (zeros outside), via a
+    cumulative sum: same result as a ones-kernel convolution, much faster on CPU."""
+    length = y.shape[axis]
+    before = list(y.shape)
+    before[axis] = radius + 1
+    after = list(y.shape)
+    after[axis] = radius
+    padded = torch.cat([y.new_zeros(before), y, y.new_zeros(after)], dim=axis)
+    cs = padded.cumsum(axis)
+    return cs.narrow(axis, 2 * radius + 1, length) - cs.narrow(axis, 0, length)
+
+
 def separable_filter(x: Tensor, kernels: Sequence[Optional[Tensor]]) -> Tensor:
     """Filter each channel of ``x`` with a separable kernel, zero padding, same output size.
 
@@ -234,6 +247,9 @@ def separable_filter(x: Tensor, kernels: Sequence[Optional[Tensor]]) -> Tensor:
             raise InputError(f"kernels must have odd length, got {size} for dim {dim}")
         if size == 1:
             y = y * kernel.reshape(()).to(device=y.device, dtype=y.dtype)
+            continue
+        if bool((kernel == kernel[0]).all()):  # a box: running sums are O(N) whatever the width
+            y = _box_filter(y, 2 + dim, size // 2) * kernel[0].to(device=y.device, dtype=y.dtype)
             continue
         shape = [1] * ndim
         shape[dim] = size
