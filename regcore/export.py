@@ -16,7 +16,7 @@ import torch
 
 from .errors import InputError
 from .image import Image
-from .io import image_from_sitk, image_to_sitk
+from .io import image_to_sitk
 from .transforms.linear import LinearTransform
 
 __all__ = [
