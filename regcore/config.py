@@ -73,6 +73,13 @@ class OptimizerConfig(_Strict):
     lr: float = Field(1.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _lbfgs_defaults(self) -> "OptimizerConfig":
+        # regcore's loop takes one LBFGS iteration per step; without a line search LBFGS is unsafe
+        if self.name == "lbfgs":
+            self.params = {"max_iter": 1, "line_search_fn": "strong_wolfe", **self.params}
+        return self
+
 
 class PyramidConfig(_Strict):
     """Downsampling factors (coarse first) and the maximum iterations at each level."""

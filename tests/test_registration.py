@@ -158,6 +158,15 @@ def test_config_validation_and_hash():
         method_config("rigid", {"stages": [{"pyramid": {"factors": [4, 2, 1], "iterations": [1, 2]}}]})
 
 
+def test_bare_stage_gets_a_safe_lbfgs():
+    from regcore.config import validate_config
+
+    cfg = validate_config({"name": "custom", "stages": [{"transform": "rigid"}]})
+    assert cfg.stages[0].optimizer.params == {"max_iter": 1, "line_search_fn": "strong_wolfe"}
+    adam = validate_config({"name": "custom", "stages": [{"transform": "rigid", "optimizer": {"name": "adam"}}]})
+    assert adam.stages[0].optimizer.params == {}
+
+
 def test_yaml_config_file(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("stages:\n  - objective:\n      - measure: ngf\n    pyramid:\n      factors: [2, 1]\n      iterations: 7\n")
