@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from regcore.errors import InputError
+from regcore.masks import prepare_mask
 
 __all__ = [
     "spatial_jacobian",
@@ -137,25 +138,8 @@ def _direction(direction: Optional[MatrixLike], ndim: int) -> Optional[np.ndarra
 
 def _prepare_mask(mask: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     """Broadcast ``mask`` to ``(N, *spatial)`` on ``like``'s device/dtype and validate it."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        mask = torch.as_tensor(mask)
-    shape = (like.shape[0], 1, *like.shape[2:])
-    try:
-        weight = torch.broadcast_to(mask.to(device=like.device, dtype=like.dtype), shape)
-    except RuntimeError as exc:
-        raise InputError(
-            f"mask of shape {tuple(mask.shape)} is not broadcastable to {shape}"
-        ) from exc
-    totals = weight.detach().flatten(1).sum(1)
-    if bool((totals <= 0).any()):
-        bad = torch.nonzero(totals <= 0).flatten().tolist()
-        raise InputError(
-            f"mask sums to zero for batch element(s) {bad}: at least one voxel per batch "
-            "element must have a positive weight"
-        )
-    return weight[:, 0]
+    weight = prepare_mask(mask, like)
+    return None if weight is None else weight[:, 0]
 
 
 def _weighted_mean(values: Tensor, weight: Optional[Tensor]) -> Tensor:
