@@ -1,1 +1,6 @@
-"""cohortreg cluster layer (see ../shared/DESIGN.md); populated by later issues."""
+"""cluster: named profiles -> a Dask ``Client`` (local, local-gpu, slurm, an existing scheduler)."""
+
+from .plugins import TorchSetup
+from .profiles import ClusterHandle, load_profiles, open_client, profile_settings, start_cluster
+
+__all__ = ["TorchSetup", "ClusterHandle", "load_profiles", "open_client", "profile_settings", "start_cluster"]

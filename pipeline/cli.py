@@ -1,0 +1,317 @@
+"""The ``cohortreg`` command line: ingest a cohort, run a workflow on a Dask cluster, inspect results.
+
+::
+
+    cohortreg ingest MANIFEST STORE                      # images -> STORE/images (idempotent)
+    cohortreg run STORE --manifest MANIFEST --workflow atlas --atlas KEY [--method affine+svf]
+    cohortreg status STORE                               # complete / failed / pending, errors
+    cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F]
+    cohortreg apply STORE PAIR INPUT OUTPUT [--kind image|labels|points]
+    cohortreg demo [--out DIR] [--subjects 8]            # the offline demo cohort, end to end
+
+Exit status: 0 success; 1 some pairs failed (their number is printed and logged); 2 bad input;
+3 infrastructure failure (cluster or store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from regcore import InfrastructureError, InputError, read_image, write_image
+from regcore.points import map_points, read_points
+from regcore.sampling import sample_world
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("cohortreg")
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--profile", default="local", help="cluster profile: local (default), local-gpu, slurm, address")
+    g.add_argument("--workers", type=int, help="worker processes (local profiles)")
+    g.add_argument("--threads", type=int, help="torch threads per worker")
+    g.add_argument("--address", help="scheduler address for --profile address")
+    g.add_argument("--cluster-config", help="YAML file of cluster profiles overriding the built-in ones")
+
+
+def _cluster(args: argparse.Namespace):
+    from cluster.profiles import start_cluster
+
+    handle = start_cluster(args.profile, args.cluster_config, workers=args.workers, threads=args.threads,
+                           address=args.address)
+    print(f"dask dashboard: {handle.dashboard_link}", file=sys.stderr)
+    return handle
+
+
+def _subjects_from_store(store: str | Path):
+    from pipeline.manifest import Subject
+
+    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    if "images" not in root:
+        raise InputError(f"store {str(store)!r}: nothing ingested; pass --manifest")
+    out = []
+    for key, g in sorted(root["images"].groups()):
+        a = dict(g.attrs)
+        out.append(Subject(a.get("subject", key), Path(a.get("source", "")), session=a.get("session", "")))
+    return out
+
+
+class _Bar:
+    """A tqdm progress bar over pairs: done / failed / skipped / running."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="pair", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, counts: dict[str, int], result: dict[str, Any] | None) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = counts["done"] + counts["failed"] + counts["skipped"]
+        self.bar.set_postfix(done=counts["done"], failed=counts["failed"], skipped=counts["skipped"],
+                             running=counts["running"], refresh=False)
+        self.bar.refresh()
+        if result is not None and result.get("status") == "failed":
+            self.bar.write(f"FAILED {result['error']}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------- commands
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline.ingest import ingest
+    from pipeline.manifest import read_manifest
+
+    subjects = read_manifest(args.manifest)
+    handle = _cluster(args)
+    try:
+        report = ingest(subjects, args.store, handle.client, force=args.force)
+    finally:
+        handle.close()
+    print(report.summary())
+    for r in report.failed:
+        print(f"  failed {r['key']}: {r['error']}")
+    return 0
+
+
+def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
+    """Ingest (if a manifest is given), build or reuse the pair table, and run; returns the summary."""
+    from pipeline.ingest import ingest
+    from pipeline.manifest import read_manifest
+    from pipeline.pairs import make_pairs, read_pairs
+    from pipeline.runner import run_pairs
+    from workflows import get_workflow
+
+    wf = get_workflow(args.workflow)
+    store = Path(args.store)
+    own = handle is None
+    handle = handle or _cluster(args)
+    try:
+        if args.manifest:
+            subjects = read_manifest(args.manifest)
+            report = ingest(subjects, store, handle.client)
+            print(report.summary(), file=sys.stderr)
+        else:
+            subjects = _subjects_from_store(store)
+        rule = args.pairs or wf.pairs
+        if (store / "pairs.csv").exists() and not args.pairs and not args.atlas:
+            pairs = read_pairs(store / "pairs.csv")
+        else:
+            pairs = make_pairs(subjects, rule, atlas=args.atlas, direction=args.direction or wf.direction,
+                               pair_list=args.pair_list)
+        bar = _Bar(len(pairs), not args.no_progress)
+        try:
+            summary = run_pairs(handle.client, store, pairs, args.method or wf.method, args.config,
+                                window=args.window, retries=args.retries, gpu=handle.gpu, force=args.force,
+                                progress=bar, root_attrs={"workflow": wf.name})
+        finally:
+            bar.close()
+    finally:
+        if own:
+            handle.close()
+    return summary
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    summary = run_workflow(args)
+    print(summary.text())
+    print(f"results: {summary.store}  (xarray.open_zarr / pipeline.open_results)")
+    print(f"run log: {summary.log_path}")
+    if summary.report_path:
+        print(f"dask performance report: {summary.report_path}")
+    for i, err in summary.errors.items():
+        print(f"  failed pair {i}: {err.splitlines()[0] if err else ''}")
+    return 1 if summary.failed else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.analysis import open_results, status_counts, _strings
+
+    ds = open_results(args.store)
+    c = status_counts(ds)
+    print(f"{args.store}: {c['total']} pairs, {c['complete']} complete, {c['failed']} failed, "
+          f"{c['running']} started but not finished, {c['pending']} pending")
+    status = _strings(ds["status"].values)
+    errors = _strings(ds["error"].values)
+    ids = _strings(ds["pair_id"].values)
+    for i in np.flatnonzero(status == "failed"):
+        print(f"  FAILED {ids[i]}: {errors[i]}")
+    for i in np.flatnonzero(status == "running"):
+        print(f"  incomplete {ids[i]} (a rerun redoes it)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from pipeline.analysis import open_results, summary_table, worst_pairs
+
+    ds = open_results(args.store)
+    table = summary_table(ds)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
+        print(table.drop(columns=["error"]).to_string(float_format=lambda v: f"{v:.4g}"))
+        done = table[table["status"] == "complete"]
+        print()
+        print(done.select_dtypes("number").describe().loc[["mean", "std", "min", "max"]].to_string(
+            float_format=lambda v: f"{v:.4g}"))
+        print(f"\nworst {args.worst} by {args.metric}:")
+        print(worst_pairs(ds, args.metric, args.worst).to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.csv:
+        table.to_csv(args.csv)
+        print(f"table written to {args.csv}")
+    if args.html:
+        from pipeline.report import write_html_report
+
+        write_html_report(args.store, args.html, metric=args.metric)
+        print(f"report written to {args.html}")
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from pipeline.store import read_field
+
+    field = read_field(args.store, int(args.pair) if args.pair.isdigit() else args.pair)
+    pts = field.grid.world_points(dtype=torch.float64) + torch.movedim(field.data.double(), 0, -1)
+    if args.kind == "points":
+        points = read_points(args.input, None)
+        mapped = map_points(points, field)
+        np.savetxt(args.output, mapped, delimiter=",", header="x,y,z"[: 2 * mapped.shape[1] - 1], comments="")
+        print(f"{len(mapped)} fixed-space points mapped into moving space (mm): {args.output}")
+        return 0
+    image = read_image(args.input, dtype=None if args.kind == "labels" else torch.float32)
+    mode = "nearest" if args.kind == "labels" else "linear"
+    data = sample_world(image.to(dtype=torch.float64) if args.kind == "labels" else image, pts, mode=mode)
+    from regcore import Image
+
+    out = Image(data.round().to(torch.int32) if args.kind == "labels" else data, field.grid)
+    write_image(out, args.output)
+    print(f"{args.kind} warped onto the fixed grid of pair {args.pair}: {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args)
+
+
+# ----------------------------------------------------------------------------------- parser
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workflow", default="atlas", help="atlas (default), atlas-labels, pairwise, longitudinal")
+    p.add_argument("--pairs", help="pairing rule overriding the workflow's: atlas, all, longitudinal, list")
+    p.add_argument("--atlas", help="atlas image key (its subject name) for atlas pairing")
+    p.add_argument("--direction", help="atlas pairing: to-atlas, from-atlas or both")
+    p.add_argument("--pair-list", help="CSV with fixed,moving columns for --pairs list")
+    p.add_argument("--method", help="regcore preset or chain (default: the workflow's)")
+    p.add_argument("--config", help="YAML overrides deep-merged over the method")
+    p.add_argument("--window", type=int, help="futures in flight (default 2 x task slots)")
+    p.add_argument("--retries", type=int, default=1, help="Dask retries for lost tasks (default 1)")
+    p.add_argument("--force", action="store_true", help="rerun pairs that are already complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cohortreg", description="Register whole cohorts on a Dask cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="info logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="convert a manifest's images to chunked Zarr in STORE (idempotent)")
+    p.add_argument("manifest", help="manifest CSV (subject,image[,labels,landmarks,mask,session]) or BIDS folder")
+    p.add_argument("store", help="cohort store (a .zarr directory)")
+    p.add_argument("--force", action="store_true", help="rewrite unchanged images too")
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("run", help="register the pairs of a workflow; resumable")
+    p.add_argument("store")
+    p.add_argument("--manifest", help="ingest this manifest first (skipped when unchanged)")
+    _add_run_args(p)
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="how many pairs are complete, failed or pending; the errors")
+    p.add_argument("store")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("report", help="summary table, worst pairs; optional CSV/HTML")
+    p.add_argument("store")
+    p.add_argument("--metric", default="dice_after")
+    p.add_argument("--worst", type=int, default=5)
+    p.add_argument("--csv")
+    p.add_argument("--html")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("apply", help="apply a stored field to an image, a label map or fixed-space points")
+    p.add_argument("store")
+    p.add_argument("pair", help="pair index or pair id")
+    p.add_argument("input", help="image/labels in the pair's moving space, or points (mm) in its fixed space")
+    p.add_argument("output")
+    p.add_argument("--kind", choices=("image", "labels", "points"), default="image")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("demo", help="build the offline demo cohort (MNI152 + random diffeomorphisms) and run it")
+    p.add_argument("--out", default="cohortreg-demo", help="folder for the cohort and the store")
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--resolution", type=float, default=3.0, help="mm (default 3)")
+    p.add_argument("--method", default=None, help="default: the demo's fast affine+svf settings")
+    p.add_argument("--no-progress", action="store_true")
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"cohortreg: error: {exc}", file=sys.stderr)
+        return 2
+    except InfrastructureError as exc:
+        print(f"cohortreg: infrastructure failure: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Ingest: every image (and label map, mask, landmarks) of a cohort into chunked Zarr, as a Dask job.
+
+One task per subject writes only its own group ``images/<key>`` (see :mod:`pipeline.zarrio`), so
+tasks never share a chunk. Ingest is idempotent: a subject whose source files are unchanged (same
+paths, sizes and modification times) is skipped, whether it succeeded or failed before. A bad
+input (missing or unreadable file, NaNs, a constant image, a label map on another grid) is
+recorded in the group (``status="failed"``, ``error``) and the other subjects go on; the pairs
+that use it fail alone, with that message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from regcore import Image, InputError, read_image
+from regcore.points import read_points
+from regcore.pyramid import downsample
+
+from .manifest import Subject
+from .zarrio import grid_attrs, write_image_array
+
+__all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+LEVELS = (2.0, 4.0)  # downsampling factors stored beside level 0
+INGEST_VERSION = 1
+
+
+def images_group(store: str | Path) -> zarr.Group:
+    """The ``images`` group of a cohort store (created if needed)."""
+    root = zarr.open_group(str(store), mode="a", zarr_format=3)
+    return root.require_group("images")
+
+
+def _file_stamp(path: Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path), "missing"]
+    if Path(path).is_dir():  # a DICOM series: stamp the folder's files
+        files = sorted(Path(path).iterdir())
+        return [str(path), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def subject_fingerprint(subject: Subject) -> str:
+    """sha256 of the subject's source paths, sizes and modification times (and the ingest version)."""
+    stamp = {
+        "version": INGEST_VERSION,
+        "levels": list(LEVELS),
+        **{k: _file_stamp(getattr(subject, k)) for k in ("image", "labels", "mask", "landmarks")},
+    }
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()
+
+
+def _same_grid(a: Image, b: Image) -> bool:
+    ga, gb = a.grid, b.grid
+    return ga.size == gb.size and np.allclose(ga.spacing, gb.spacing, rtol=1e-4) and np.allclose(
+        ga.origin, gb.origin, atol=1e-3 * max(ga.spacing)) and np.allclose(ga.direction, gb.direction, atol=1e-4)
+
+
+def _validate_image(image: Image, path: Path) -> None:
+    data = image.data
+    if not torch.isfinite(data).all():
+        raise InputError(f"image {str(path)!r}: contains NaN or infinite values")
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        raise InputError(f"image {str(path)!r}: no contrast, every voxel is {lo:g}")
+
+
+def _companion(path: Path, image: Image, what: str) -> Image:
+    comp = read_image(path, dtype=None)
+    if comp.data.shape[0] != 1:
+        raise InputError(f"{what} {str(path)!r}: must have one component, has {comp.data.shape[0]}")
+    if not _same_grid(comp, image):
+        raise InputError(f"{what} {str(path)!r}: grid {comp.grid.size} spacing {comp.grid.spacing} does not match "
+                         f"the image's {image.grid.size} spacing {image.grid.spacing}")
+    return comp
+
+
+def ingest_subject(subject: Subject, store: str | Path, force: bool = False) -> dict[str, Any]:
+    """Ingest one subject into ``store/images/<key>``; return ``{"key", "status", "error"}``.
+
+    ``status`` is ``ok``, ``failed`` (bad input, recorded in the group) or ``skipped`` (unchanged).
+    Errors other than bad input (the store cannot be written) propagate.
+    """
+    group_parent = images_group(store)
+    key = subject.key
+    fingerprint = subject_fingerprint(subject)
+    if not force and key in group_parent:
+        attrs = dict(group_parent[key].attrs)
+        if attrs.get("fingerprint") == fingerprint and attrs.get("status") in ("ok", "failed"):
+            return {"key": key, "status": "skipped", "error": attrs.get("error", "")}
+    group = group_parent.create_group(key, overwrite=True)
+    base_attrs = {"subject": subject.subject, "session": subject.session, "source": str(subject.image),
+                  "fingerprint": fingerprint}
+    group.attrs.update({**base_attrs, "status": "ingesting"})
+    try:
+        attrs = _write_subject(group, subject)
+    except InputError as exc:
+        group.attrs.update({**base_attrs, "status": "failed", "error": str(exc)})
+        log.warning("ingest %s failed: %s", key, exc)
+        return {"key": key, "status": "failed", "error": str(exc)}
+    except Exception as exc:  # an unreadable file may raise anything from the reader
+        msg = f"image {str(subject.image)!r}: {type(exc).__name__}: {exc}"
+        group.attrs.update({**base_attrs, "status": "failed", "error": msg, "traceback": traceback.format_exc()})
+        log.warning("ingest %s failed: %s", key, msg)
+        return {"key": key, "status": "failed", "error": msg}
+    group.attrs.update({**base_attrs, **attrs, "status": "ok"})  # written last
+    return {"key": key, "status": "ok", "error": ""}
+
+
+def _write_subject(group: zarr.Group, subject: Subject) -> dict[str, Any]:
+    image = read_image(subject.image)
+    _validate_image(image, subject.image)
+    digest = hashlib.sha256()
+    levels = group.create_group("image")
+    arr = write_image_array(levels, "0", image)
+    digest.update(image.data.numpy().tobytes())
+    stored = [1.0]
+    for factor in LEVELS:
+        coarse = downsample(image, factor)
+        if coarse.grid.size == image.grid.size:
+            break
+        write_image_array(levels, _level_name(factor), coarse)
+        stored.append(factor)
+    attrs: dict[str, Any] = {"ndim": image.ndim, "channels": int(image.data.shape[0]), "levels": stored,
+                             **grid_attrs(image.grid), "labels": [], "has_mask": False, "landmarks": 0}
+    if subject.labels is not None:
+        lab = _companion(subject.labels, image, "label map")
+        if lab.data.is_floating_point() and not torch.equal(lab.data, lab.data.round()):
+            raise InputError(f"label map {str(subject.labels)!r}: holds non-integer values")
+        lab = Image(lab.data.round().to(torch.int32), lab.grid)
+        write_image_array(group.create_group("labels"), "0", lab, dtype="int32")
+        digest.update(lab.data.numpy().tobytes())
+        attrs["labels"] = sorted(int(v) for v in torch.unique(lab.data).tolist() if v != 0)
+    if subject.mask is not None:
+        mask = _companion(subject.mask, image, "mask")
+        mask = Image((mask.data > 0).to(torch.uint8), mask.grid)
+        if not mask.data.any():
+            raise InputError(f"mask {str(subject.mask)!r}: is empty")
+        write_image_array(group.create_group("mask"), "0", mask, dtype="uint8")
+        digest.update(mask.data.numpy().tobytes())
+        attrs["has_mask"] = True
+    if subject.landmarks is not None:
+        pts = read_points(subject.landmarks, image.grid)
+        if pts.shape[1] != image.ndim:
+            raise InputError(f"landmarks {str(subject.landmarks)!r}: {pts.shape[1]}D points for a {image.ndim}D image")
+        lm = group.create_array("landmarks", shape=pts.shape, dtype="float64", overwrite=True)
+        lm[...] = pts
+        digest.update(pts.tobytes())
+        attrs["landmarks"] = int(pts.shape[0])
+    attrs["content_sha256"] = digest.hexdigest()
+    del arr
+    return attrs
+
+
+def _level_name(factor: float) -> str:
+    return str(int(factor)) if float(factor).is_integer() else str(factor)
+
+
+@dataclass
+class IngestReport:
+    """What an ingest run did, per subject key."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.results)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if r["status"] == "failed"]
+
+    def summary(self) -> str:
+        return (f"ingest: {self.count('ok')} written, {self.count('skipped')} unchanged, "
+                f"{self.count('failed')} failed")
+
+
+def ingest(subjects: Sequence[Subject], store: str | Path, client: Any = None, force: bool = False) -> IngestReport:
+    """Ingest a cohort into ``store`` (a Zarr v3 directory), one Dask task per subject.
+
+    Args:
+        subjects: from :func:`pipeline.manifest.read_manifest`.
+        store: the cohort store path (created if needed).
+        client: a ``distributed.Client``; ``None`` runs the tasks in this process.
+        force: rewrite subjects even when unchanged.
+    """
+    keys = [s.key for s in subjects]
+    if len(set(keys)) != len(keys):
+        raise InputError("two subjects share a key (subject + session must be unique)")
+    images_group(store)  # parent groups exist before tasks write into them
+    if client is None:
+        results = [ingest_subject(s, store, force) for s in subjects]
+    else:
+        futures = client.map(ingest_subject, list(subjects), store=str(store), force=force, pure=False,
+                             key=[f"ingest-{k}" for k in keys])
+        results = client.gather(futures)
+    return IngestReport(list(results))

@@ -1,0 +1,242 @@
+"""The per-pair Dask task: read a pair from Zarr, register it with regcore, write field and metrics.
+
+``register_pair`` never raises for a bad pair: registration and input errors are recorded in the
+store (status ``failed``, message, traceback, host, device) and returned. Only infrastructure
+failures (the store cannot be written) propagate, so that Dask's ``retries`` apply to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from regcore import Image, InputError, register
+from regcore.config import MethodConfig, config_hash
+from regcore.evaluation import dice_per_label
+from regcore.regularizers.functional import jacobian_stats
+from regcore.sampling import sample_world
+from regcore.points import map_points
+
+from .store import CHECKSUM_VARS, PairWriter, pair_checksum
+from .zarrio import read_image_array
+
+__all__ = ["register_pair", "load_subject", "pair_metrics", "inputs_hash", "worker_device"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_device() -> torch.device:
+    """The device chosen for this worker by the torch worker plugin, else CUDA if present, else CPU."""
+    try:
+        from distributed import get_worker
+
+        plugin = get_worker().plugins.get("cohortreg-torch")
+        if plugin is not None and getattr(plugin, "device", None):
+            return torch.device(plugin.device)
+    except (ImportError, ValueError):
+        pass
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"pid:{os.getpid()}"
+
+
+def load_subject(store: str | Path, key: str, role: str) -> dict[str, Any]:
+    """An ingested subject: ``image`` (Image), ``labels``/``mask`` (Image or None), ``landmarks``
+    (``(N, D)`` world mm or None) and ``sha`` (content hash). ``role`` names it in errors."""
+    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    path = f"images/{key}"
+    if path not in root:
+        raise InputError(f"{role} image {key!r}: not ingested (run `cohortreg ingest`)")
+    group = root[path]
+    attrs = dict(group.attrs)
+    if attrs.get("status") != "ok":
+        raise InputError(f"{role} image {key!r}: {attrs.get('error') or 'ingest did not finish'}")
+    out: dict[str, Any] = {"image": read_image_array(group["image/0"]), "labels": None, "mask": None,
+                           "landmarks": None, "sha": attrs["content_sha256"]}
+    if "labels" in group:
+        out["labels"] = read_image_array(group["labels/0"], dtype=torch.int64)
+    if "mask" in group:
+        out["mask"] = read_image_array(group["mask/0"])
+    if "landmarks" in group:
+        out["landmarks"] = np.asarray(group["landmarks"][...], dtype=np.float64)
+    return out
+
+
+def inputs_hash(fixed_sha: str, moving_sha: str) -> str:
+    """Identifies a pair's inputs (content hashes of both ingested subjects)."""
+    return hashlib.sha256(f"{fixed_sha}:{moving_sha}".encode()).hexdigest()
+
+
+def _ncc(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    den = float(torch.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+def pair_metrics(fixed: dict[str, Any], moving: dict[str, Any], displacement: Image, labels: list[int],
+                 jacobian: Image | None) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Before (identity in world space) and after (``x + u(x)``) metrics of a pair.
+
+    Returns the values for the store and the warped moving labels (``(*spatial)`` int32) or None.
+    Intensity metrics use voxels whose sample falls inside the moving image in both cases.
+    """
+    fimg: Image = fixed["image"]
+    mimg: Image = moving["image"]
+    grid = fimg.grid
+    dev = displacement.data.device
+    identity = grid.world_points(dtype=torch.float64).to(dev)
+    mapped = identity + torch.movedim(displacement.data.to(torch.float64), 0, -1)
+    mdata = mimg.to(dev)
+    ones = Image(torch.ones_like(mdata.data[:1]), mimg.grid)
+    inside = (sample_world(ones, identity)[0] > 0.999) & (sample_world(ones, mapped)[0] > 0.999)
+    f = fimg.data[0].to(dev)[inside]
+    before = sample_world(mdata, identity)[0][inside]
+    after = sample_world(mdata, mapped)[0][inside]
+    values: dict[str, Any] = {
+        "mse_before": float(((f - before) ** 2).double().mean()) if f.numel() else float("nan"),
+        "mse_after": float(((f - after) ** 2).double().mean()) if f.numel() else float("nan"),
+        "ncc_before": _ncc(f, before) if f.numel() else float("nan"),
+        "ncc_after": _ncc(f, after) if f.numel() else float("nan"),
+    }
+    warped_labels = None
+    if fixed["labels"] is not None and moving["labels"] is not None:
+        flab = fixed["labels"].data.to(dev)
+        mlab = moving["labels"].to(dev)
+        lab_before = sample_world(mlab, identity, mode="nearest")
+        lab_after = sample_world(mlab, mapped, mode="nearest")
+        d_before = dice_per_label(flab, lab_before, labels)
+        d_after = dice_per_label(flab, lab_after, labels)
+        values["dice_label_before"] = [d_before[k] for k in labels]
+        values["dice_label_after"] = [d_after[k] for k in labels]
+        present = [k for k in labels if not np.isnan(d_before[k])]
+        values["dice_before"] = float(np.mean([d_before[k] for k in present])) if present else float("nan")
+        values["dice_after"] = float(np.mean([d_after[k] for k in present])) if present else float("nan")
+        warped_labels = lab_after[0].to(torch.int32).cpu().numpy()
+    if fixed["landmarks"] is not None and moving["landmarks"] is not None:
+        fp, mp = fixed["landmarks"], moving["landmarks"]
+        if fp.shape != mp.shape:
+            raise InputError(f"landmarks: fixed has {len(fp)} points, moving {len(mp)}; they must correspond")
+        tre_after = np.linalg.norm(map_points(fp, displacement.to(dev)) - mp, axis=1)
+        values["tre_before"] = float(np.linalg.norm(fp - mp, axis=1).mean())
+        values["tre_after"] = float(tre_after.mean())
+        values["tre_max_after"] = float(tre_after.max())
+    if jacobian is not None:
+        det = jacobian.data.double()
+        pos = det[det > 0]
+        values["jac_min"] = float(det.min())
+        values["jac_nonpositive"] = float((det <= 0).double().mean())
+        values["jac_std_log"] = float(pos.log().std(unbiased=False)) if pos.numel() else float("nan")
+    else:
+        direction = torch.as_tensor(grid.direction_matrix, dtype=torch.float64, device=dev)
+        st = jacobian_stats(displacement.data.to(torch.float64)[None], spacing=grid.spacing, direction=direction)
+        values["jac_min"], values["jac_nonpositive"], values["jac_std_log"] = st["min"], st["fraction_nonpositive"], st["std_log"]
+    return values, warped_labels
+
+
+def _level_values(result: Any) -> dict[str, list]:
+    recs = result.levels
+    return {
+        "level_loss": [r.losses[-1] if r.losses else float("nan") for r in recs],
+        "level_factor": [float(r.factor) for r in recs],
+        "level_seconds": [float(r.seconds) for r in recs],
+        "level_iterations": [int(r.iterations) for r in recs],
+        "level_stage": [int(r.stage) for r in recs],
+    }
+
+
+def register_pair(store: str | Path, index: int, config: dict | MethodConfig, device: str | None = None) -> dict[str, Any]:
+    """Register pair ``index`` of ``store`` with ``config`` (a full regcore method config).
+
+    Returns a small dict: ``index``, ``pair_id``, ``status`` (``complete``/``failed``), ``error``,
+    ``checksum``, ``runtime_s``, ``regcore_s``, ``device``, ``host``.
+    """
+    t0 = time.perf_counter()
+    cfg = config if isinstance(config, MethodConfig) else MethodConfig.model_validate(config)
+    chash = config_hash(cfg)
+    dev = torch.device(device) if device else worker_device()
+    host = socket.gethostname()
+    writer = PairWriter(store, index)
+    pair = writer.pair
+    writer.begin(host=host, worker=_worker_name(), device=str(dev), method=cfg.name, error="", traceback="",
+                 finished="", started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    out = {"index": index, "pair_id": pair.pair_id, "status": "failed", "error": "", "checksum": "",
+           "device": str(dev), "host": host, "runtime_s": float("nan"), "regcore_s": float("nan")}
+    try:
+        fixed = load_subject(store, pair.fixed, "fixed")
+        moving = load_subject(store, pair.moving, "moving")
+        t_read = time.perf_counter() - t0
+        result = register(fixed["image"], moving["image"], cfg, fixed_mask=fixed["mask"], moving_mask=moving["mask"],
+                          device=dev)
+        t_reg = result.seconds
+        with torch.no_grad():
+            values, warped_labels = pair_metrics(fixed, moving, result.displacement, writer.layout.labels,
+                                                 result.jacobian)
+    except Exception as exc:  # a bad pair is recorded, never raised (retrying cannot help it)
+        msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        log.warning("pair %s failed: %s", pair.pair_id, msg)
+        writer.root["error"][index] = f"{pair.pair_id}: {msg}"
+        writer.root["traceback"][index] = traceback.format_exc()
+        writer.root["runtime_s"][index] = time.perf_counter() - t0
+        writer.root["finished"][index] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        writer.finish("failed")
+        out.update(error=f"{pair.pair_id}: {msg}", runtime_s=time.perf_counter() - t0)
+        return out
+    t_w = time.perf_counter()
+    field = result.displacement.data.detach().to(torch.float32).cpu().numpy()
+    writer.write_field(field, warped_labels)
+    values.update(_level_values(result))
+    values.update({"regcore_s": t_reg, "read_s": t_read, "iterations": int(result.iterations),
+                   "final_loss": float(result.final_loss), "config_hash": chash,
+                   "inputs_hash": inputs_hash(fixed["sha"], moving["sha"])})
+    values["write_s"] = time.perf_counter() - t_w
+    values["runtime_s"] = time.perf_counter() - t0
+    stored = _as_stored(writer, values)
+    checksum = pair_checksum(stored, field, warped_labels if "warped_labels" in _field_names(writer) else None)
+    writer.write_values({k: v for k, v in stored.items() if k not in ("config_hash", "inputs_hash")})
+    writer.write_values({"config_hash": chash, "inputs_hash": values["inputs_hash"], "checksum": checksum,
+                         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    writer.finish("complete")
+    out.update(status="complete", checksum=checksum, runtime_s=values["runtime_s"], regcore_s=t_reg)
+    return out
+
+
+def _field_names(writer: PairWriter) -> set[str]:
+    disp, labs = writer._field_arrays()
+    return {"displacement"} | ({"warped_labels"} if labs is not None else set())
+
+
+def _as_stored(writer: PairWriter, values: dict[str, Any]) -> dict[str, Any]:
+    """The values as the store will hold them (dtype casts, vectors padded), for the checksum."""
+    stored: dict[str, Any] = {}
+    for name in CHECKSUM_VARS:
+        arr = writer.root[name]
+        value = values.get(name)
+        if arr.ndim == 2:
+            row = np.full(arr.shape[1], np.nan if arr.dtype.kind == "f" else arr.fill_value, dtype=arr.dtype)
+            if value is not None:
+                v = np.asarray(value, dtype=arr.dtype)[: arr.shape[1]]
+                row[: len(v)] = v
+            stored[name] = row
+        elif arr.dtype.kind in "fiu":
+            stored[name] = np.asarray(value if value is not None else arr.fill_value, dtype=arr.dtype)[()]
+        else:
+            stored[name] = "" if value is None else str(value)
+    return stored
