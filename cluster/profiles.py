@@ -2,8 +2,9 @@
 
 Profiles (``profiles.yaml`` beside this module, or a user YAML with the same structure):
 
-- ``local`` (default): ``LocalCluster`` of worker processes, one task at a time per worker, torch
-  threads set so that workers x threads = cores.
+- ``local`` (default): ``LocalCluster`` of worker processes, one task at a time per worker
+  (``slots``), torch threads set so that workers x threads = cores; ``resources`` (e.g.
+  ``{"GPU": 1}``) are declared by every worker.
 - ``local-gpu``: one worker process per visible GPU, each with its own ``CUDA_VISIBLE_DEVICES``
   and the abstract resource ``GPU=1`` (GPU tasks ask for ``resources={"GPU": 1}``).
 - ``slurm``: ``dask_jobqueue.SLURMCluster`` with ``--gres=gpu:1`` and ``--resources GPU=1``.
@@ -98,12 +99,19 @@ class ClusterHandle:
                 self.cluster.close()
 
 
+# Registrations are long tasks: the scheduler hands a worker a new pair only when it has a free
+# slot (no pre-fetching), so a worker that dies takes no innocent queued pair with it.
+SCHEDULER_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}
+
+
 def _local(s: dict[str, Any]):
+    import dask
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=int(s["workers"]), threads_per_worker=1, processes=True,
-                        memory_limit=s.get("memory_limit", "auto"), dashboard_address=s.get("dashboard", ":0"),
-                        resources=s.get("resources"))
+    with dask.config.set(SCHEDULER_CONFIG):
+        return LocalCluster(n_workers=int(s["workers"]), threads_per_worker=int(s.get("slots", 1)), processes=True,
+                            memory_limit=s.get("memory_limit", "auto"), dashboard_address=s.get("dashboard", ":0"),
+                            resources=s.get("resources"))
 
 
 def _local_gpu(s: dict[str, Any]):
@@ -120,7 +128,10 @@ def _local_gpu(s: dict[str, Any]):
         for i in range(n)
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": s.get("dashboard", ":0")}}
-    return SpecCluster(workers=workers, scheduler=scheduler)
+    import dask
+
+    with dask.config.set(SCHEDULER_CONFIG):
+        return SpecCluster(workers=workers, scheduler=scheduler)
 
 
 def _slurm(s: dict[str, Any]):

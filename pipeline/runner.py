@@ -60,6 +60,7 @@ class RunSummary:
     complete: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
     wall_s: float = 0.0
     log_path: str = ""
     report_path: str = ""
@@ -186,6 +187,7 @@ def run_pairs(
                     mark_failed(store, i, msg, "".join(traceback.format_exception(exc)))
                 res = {"index": i, "pair_id": pairs[i].pair_id, "status": "failed", "error": msg}
             fut.release()
+            summary.results[i] = res
             if res["status"] == "complete":
                 summary.complete.append(i)
                 counts["done"] += 1

@@ -166,9 +166,11 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
     """Register pair ``index`` of ``store`` with ``config`` (a full regcore method config).
 
     Returns a small dict: ``index``, ``pair_id``, ``status`` (``complete``/``failed``), ``error``,
-    ``checksum``, ``runtime_s``, ``regcore_s``, ``device``, ``host``.
+    ``checksum``, ``runtime_s`` (whole task), ``regcore_s`` (registration alone), ``device``,
+    ``host``, ``worker``, ``t_start``/``t_end`` (epoch seconds).
     """
     t0 = time.perf_counter()
+    wall0 = time.time()
     cfg = config if isinstance(config, MethodConfig) else MethodConfig.model_validate(config)
     chash = config_hash(cfg)
     dev = torch.device(device) if device else worker_device()
@@ -178,7 +180,8 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
     writer.begin(host=host, worker=_worker_name(), device=str(dev), method=cfg.name, error="", traceback="",
                  finished="", started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     out = {"index": index, "pair_id": pair.pair_id, "status": "failed", "error": "", "checksum": "",
-           "device": str(dev), "host": host, "runtime_s": float("nan"), "regcore_s": float("nan")}
+           "device": str(dev), "host": host, "worker": _worker_name(), "runtime_s": float("nan"),
+           "regcore_s": float("nan"), "t_start": wall0, "t_end": float("nan")}
     try:
         fixed = load_subject(store, pair.fixed, "fixed")
         moving = load_subject(store, pair.moving, "moving")
@@ -197,7 +200,7 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
         writer.root["runtime_s"][index] = time.perf_counter() - t0
         writer.root["finished"][index] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         writer.finish("failed")
-        out.update(error=f"{pair.pair_id}: {msg}", runtime_s=time.perf_counter() - t0)
+        out.update(error=f"{pair.pair_id}: {msg}", runtime_s=time.perf_counter() - t0, t_end=time.time())
         return out
     t_w = time.perf_counter()
     field = result.displacement.data.detach().to(torch.float32).cpu().numpy()
@@ -214,7 +217,7 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
     writer.write_values({"config_hash": chash, "inputs_hash": values["inputs_hash"], "checksum": checksum,
                          "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     writer.finish("complete")
-    out.update(status="complete", checksum=checksum, runtime_s=values["runtime_s"], regcore_s=t_reg)
+    out.update(status="complete", checksum=checksum, runtime_s=values["runtime_s"], regcore_s=t_reg, t_end=time.time())
     return out
 
 

@@ -57,3 +57,31 @@ def make_image(shape, spacing=None, origin=None, direction=None, seed=0, n=12) -
     """A blob image on a grid; ``shape`` in tensor order, geometry in ITK order."""
     grid = Grid(tuple(reversed(shape)), spacing, origin, direction)
     return Image(torch.from_numpy(blobs(tuple(shape), n=n, seed=seed)).float(), grid)
+
+
+# ------------------------------------------------------------------ pipeline fixtures
+# A small real-anatomy cohort (MNI152 from nilearn at 6 mm, random known diffeomorphisms) and a
+# fast method config, shared by the pipeline tests.
+FAST_METHOD = {
+    "name": "test-affine",
+    "stages": [{"transform": "affine", "objective": [{"measure": "ncc"}],
+                "pyramid": {"factors": [2.0, 1.0], "iterations": [15, 10], "min_size": 4}}],
+}
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory) -> Path:
+    """Manifest of the demo cohort: atlas + 8 subjects at 6 mm (built once per session)."""
+    from workflows.demo_cohort import make_demo_cohort
+
+    return make_demo_cohort(tmp_path_factory.mktemp("cohort"), subjects=8, resolution=6.0)
+
+
+@pytest.fixture(scope="session")
+def local_client():
+    """A LocalCluster of 4 single-threaded worker processes (with the torch worker plugin)."""
+    from cluster.profiles import start_cluster
+
+    handle = start_cluster("local", workers=4, threads=1)
+    yield handle.client
+    handle.close()

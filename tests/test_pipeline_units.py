@@ -1,0 +1,176 @@
+"""Pipeline pieces without a cluster: manifest, pairing rules, ingest, store layout, task, analysis."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import FAST_METHOD, make_image
+from pipeline.analysis import open_results, summary_table, verify_pair, worst_pairs
+from pipeline.ingest import ingest
+from pipeline.manifest import Subject, read_manifest, write_manifest
+from pipeline.pairs import make_pairs
+from pipeline.runner import plan_pairs
+from pipeline.store import read_field, read_warped_labels
+from pipeline.task import register_pair
+from pipeline.zarrio import read_image_array, write_image_array
+from regcore import Image, InputError, method_config, read_image, write_image
+from regcore.evaluation import mean_dice
+from regcore.sampling import sample_world
+
+
+def _write_manifest(path, rows, header=("subject", "session", "image", "labels")):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+# ------------------------------------------------------------------ manifest
+def test_manifest_resolves_relative_paths_and_sessions(tmp_path):
+    m = _write_manifest(tmp_path / "m.csv", [["s1", "1", "a.nii.gz", "a_lab.nii.gz"], ["s1", "2", "/abs/b.nii", ""]])
+    subs = read_manifest(m)
+    assert [s.key for s in subs] == ["s1_ses-1", "s1_ses-2"]
+    assert subs[0].image == tmp_path / "a.nii.gz" and subs[0].labels == tmp_path / "a_lab.nii.gz"
+    assert str(subs[1].image) == "/abs/b.nii" and subs[1].labels is None
+
+
+@pytest.mark.parametrize("rows,header,match", [
+    ([["s1", "", "a.nii"]], ("subject", "session", "img"), "missing column"),
+    ([["s1", "", "a.nii"], ["s1", "", "b.nii"]], ("subject", "session", "image"), "already listed"),
+    ([["", "", "a.nii"]], ("subject", "session", "image"), "must not be empty"),
+    ([], ("subject", "image"), "no subjects"),
+])
+def test_manifest_errors(tmp_path, rows, header, match):
+    with pytest.raises(InputError, match=match):
+        read_manifest(_write_manifest(tmp_path / "m.csv", rows, header))
+    with pytest.raises(InputError, match="no such file"):
+        read_manifest(tmp_path / "absent.csv")
+
+
+# ------------------------------------------------------------------ pairing rules
+def test_pairing_rules():
+    subs = [Subject("atlas", "a"), Subject("s1", "x", session="1"), Subject("s1", "x", session="2"),
+            Subject("s2", "y", session="1")]
+    atlas = make_pairs(subs, "atlas", atlas="atlas")
+    assert [(p.fixed, p.moving) for p in atlas] == [("atlas", "s1_ses-1"), ("atlas", "s1_ses-2"), ("atlas", "s2_ses-1")]
+    both = make_pairs(subs, "atlas", atlas="atlas", direction="both")
+    assert len(both) == 6 and ("s2_ses-1", "atlas") in [(p.fixed, p.moving) for p in both]
+    assert len(make_pairs(subs, "all")) == 4 * 3
+    longi = make_pairs(subs, "longitudinal")
+    assert [(p.fixed, p.moving) for p in longi] == [("s1_ses-1", "s1_ses-2")]
+    with pytest.raises(InputError, match="atlas key"):
+        make_pairs(subs, "atlas", atlas="nobody")
+
+
+# ------------------------------------------------------------------ ingest
+def test_ingest_writes_geometry_levels_labels_and_is_idempotent(tmp_path):
+    img = make_image((20, 18, 16), spacing=(1.5, 1.0, 2.0), origin=(3.0, -4.0, 5.0), seed=3)
+    lab = Image((img.data > img.data.mean()).to(torch.int16) * 7, img.grid)
+    write_image(img, tmp_path / "a.nii.gz")
+    write_image(lab, tmp_path / "a_lab.nii.gz")
+    subs = [Subject("a", tmp_path / "a.nii.gz", labels=tmp_path / "a_lab.nii.gz")]
+    store = tmp_path / "s.zarr"
+    assert ingest(subs, store).count("ok") == 1
+    group = zarr.open_group(str(store), mode="r")["images/a"]
+    back = read_image_array(group["image/0"])
+    ref = read_image(tmp_path / "a.nii.gz")
+    assert back.grid == ref.grid and torch.equal(back.data, ref.data)
+    assert dict(group.attrs)["labels"] == [7] and dict(group.attrs)["levels"] == [1.0, 2.0, 4.0]
+    assert read_image_array(group["image/2"]).grid.size == ref.grid.downsample(2).size
+    assert ingest(subs, store).count("skipped") == 1  # second run does nothing
+    before = dict(group.attrs)["content_sha256"]
+    write_image(Image(img.data * 2, img.grid), tmp_path / "a.nii.gz")  # changed file -> re-ingested
+    assert ingest(subs, store).count("ok") == 1
+    assert dict(zarr.open_group(str(store), mode="r")["images/a"].attrs)["content_sha256"] != before
+
+
+def test_ingest_records_bad_inputs_per_subject(tmp_path):
+    good = make_image((12, 12, 12))
+    write_image(good, tmp_path / "good.nii.gz")
+    write_image(Image(torch.full_like(good.data, float("nan")), good.grid), tmp_path / "nan.mha")
+    write_image(Image(torch.zeros_like(good.data), good.grid), tmp_path / "zero.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(b"not an image")
+    write_image(make_image((12, 12, 10)), tmp_path / "other_grid.nii.gz")
+    subs = [Subject("good", tmp_path / "good.nii.gz"), Subject("missing", tmp_path / "nope.nii.gz"),
+            Subject("nan", tmp_path / "nan.mha"), Subject("zero", tmp_path / "zero.nii.gz"),
+            Subject("junk", tmp_path / "junk.nii.gz"),
+            Subject("badlab", tmp_path / "good.nii.gz", labels=tmp_path / "other_grid.nii.gz")]
+    report = ingest(subs, tmp_path / "s.zarr")
+    errors = {r["key"]: r["error"] for r in report.results}
+    assert report.count("ok") == 1
+    assert "no such file" in errors["missing"] and "nope.nii.gz" in errors["missing"]
+    assert "NaN" in errors["nan"]
+    assert "no contrast" in errors["zero"]
+    assert "junk.nii.gz" in errors["junk"]
+    assert "does not match" in errors["badlab"]
+
+
+# ------------------------------------------------------------------ store + task, in process
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, demo_cohort):
+    store = tmp_path_factory.mktemp("store") / "cohort.zarr"
+    subs = read_manifest(demo_cohort)
+    ingest(subs, store)
+    return store, subs
+
+
+def test_task_writes_field_metrics_and_checksum(ingested):
+    store, subs = ingested
+    pairs = make_pairs(subs, "atlas", atlas="atlas")[:2]
+    todo, skip = plan_pairs(store, pairs, method_config(FAST_METHOD))
+    assert todo == [0, 1] and skip == []
+    res = register_pair(store, 0, FAST_METHOD)
+    assert res["status"] == "complete", res["error"]
+    ds = open_results(store)
+    assert str(ds["status"].values[0]) == "complete" and str(ds["status"].values[1]) == ""
+    assert ds["dice_after"].values[0] > ds["dice_before"].values[0] + 0.1
+    assert verify_pair(store, 0)
+    # the stored field, applied independently, reproduces the stored Dice
+    field = read_field(store, 0)
+    atlas_lab = read_image(subs[0].labels, dtype=None)
+    mov_lab = read_image(subs[1].labels, dtype=None)
+    pts = field.grid.world_points(dtype=torch.float64) + torch.movedim(field.data.double(), 0, -1)
+    warped = sample_world(mov_lab, pts, mode="nearest")
+    assert mean_dice(atlas_lab.data, warped) == pytest.approx(float(ds["dice_after"].values[0]), abs=1e-9)
+    assert torch.equal(read_warped_labels(store, 0).data.long(), warped.long())
+    # level records: 2 levels, iterations add up
+    its = ds["level_iterations"].values[0]
+    assert its.sum() == int(ds["iterations"].values[0]) and (ds["level_factor"].values[0] == [2.0, 1.0]).all()
+    # tampering with a stored metric breaks the checksum
+    zarr.open_group(str(store), mode="r+")["dice_after"][0] = 0.0
+    assert not verify_pair(store, 0)
+
+
+def test_frozen_pair_table_refuses_another(ingested):
+    store, subs = ingested
+    pairs = make_pairs(subs, "atlas", atlas="atlas")[:2]
+    plan_pairs(store, pairs, method_config(FAST_METHOD))
+    with pytest.raises(InputError, match="another pair table"):
+        plan_pairs(store, make_pairs(subs, "all"), method_config(FAST_METHOD))
+
+
+def test_unstacked_fields_when_fixed_grids_differ(tmp_path):
+    a = make_image((16, 14, 12), spacing=(2.0, 2.0, 2.0), seed=1)
+    b = make_image((15, 14, 13), spacing=(2.0, 2.0, 2.0), seed=1)
+    write_image(a, tmp_path / "a.nii.gz")
+    write_image(b, tmp_path / "b.nii.gz")
+    subs = [Subject("a", tmp_path / "a.nii.gz"), Subject("b", tmp_path / "b.nii.gz")]
+    store = tmp_path / "s.zarr"
+    ingest(subs, store)
+    pairs = make_pairs(subs, "all")
+    plan_pairs(store, pairs, method_config(FAST_METHOD))
+    for i in range(2):
+        assert register_pair(store, i, FAST_METHOD)["status"] == "complete"
+        assert verify_pair(store, i)
+    assert not open_results(store).attrs["stacked"]
+    assert read_field(store, 0).grid.shape == (16, 14, 12) and read_field(store, 1).grid.shape == (15, 14, 13)
+    table = summary_table(open_results(store))
+    assert list(table.index) == [p.pair_id for p in pairs]
+    assert len(worst_pairs(open_results(store), "ncc_after", 1)) == 1
