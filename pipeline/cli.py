@@ -198,7 +198,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.html:
         from pipeline.report import write_html_report
 
-        write_html_report(args.store, args.html, metric=args.metric)
+        write_html_report(args.store, args.html, metric=args.metric, max_pairs=args.worst)
         print(f"report written to {args.html}")
     return 0
 
