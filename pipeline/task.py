@@ -59,7 +59,8 @@ def _worker_name() -> str:
 
 
 def load_subject(store: str | Path, key: str, role: str) -> dict[str, Any]:
-    """An ingested subject: ``image`` (Image), ``labels``/``mask`` (Image or None), ``landmarks``
+    """An ingested subject: ``image`` (Image), ``levels`` (factor -> downsampled Image, the stored
+    pyramid), ``labels``/``mask`` (Image or None), ``landmarks``
     (``(N, D)`` world mm or None) and ``sha`` (content hash). ``role`` names it in errors."""
     root = zarr.open_group(str(store), mode="r", zarr_format=3)
     path = f"images/{key}"
@@ -69,8 +70,11 @@ def load_subject(store: str | Path, key: str, role: str) -> dict[str, Any]:
     attrs = dict(group.attrs)
     if attrs.get("status") != "ok":
         raise InputError(f"{role} image {key!r}: {attrs.get('error') or 'ingest did not finish'}")
-    out: dict[str, Any] = {"image": read_image_array(group["image/0"]), "labels": None, "mask": None,
-                           "landmarks": None, "sha": attrs["content_sha256"]}
+    levels = {float(f): read_image_array(group[f"image/{name}"])
+              for f, name in ((f, str(int(f)) if float(f).is_integer() else str(f)) for f in attrs.get("levels", [])[1:])
+              if name in group["image"]}
+    out: dict[str, Any] = {"image": read_image_array(group["image/0"]), "levels": levels, "labels": None,
+                           "mask": None, "landmarks": None, "sha": attrs["content_sha256"]}
     if "labels" in group:
         out["labels"] = read_image_array(group["labels/0"], dtype=torch.int64)
     if "mask" in group:
@@ -187,7 +191,7 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
         moving = load_subject(store, pair.moving, "moving")
         t_read = time.perf_counter() - t0
         result = register(fixed["image"], moving["image"], cfg, fixed_mask=fixed["mask"], moving_mask=moving["mask"],
-                          device=dev)
+                          device=dev, fixed_levels=fixed["levels"], moving_levels=moving["levels"])
         t_reg = result.seconds
         with torch.no_grad():
             values, warped_labels = pair_metrics(fixed, moving, result.displacement, writer.layout.labels,

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from .config import MethodConfig, StageConfig, config_hash
 from .errors import InputError
 from .grid import Grid
 from .image import Image
-from .intensity import normalize_intensity
+from .intensity import apply_window, intensity_window
 from .io import read_image
 from .levels import POINTWISE_MEASURES, DeformableLevel, LinearLevel
 from .methods import method_config
@@ -151,6 +151,8 @@ def register(
     moving_mask: Image | None = None,
     device: torch.device | str | None = None,
     callback: Callback | None = None,
+    fixed_levels: Mapping[float, Image] | None = None,
+    moving_levels: Mapping[float, Image] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (backward warping: the result samples moving on fixed's grid).
 
@@ -163,6 +165,11 @@ def register(
         device: where to compute; default the fixed image's device.
         callback: called with a dict for every iteration (``event="iteration"``: stage, level,
             factor, iteration, loss, terms) and at the end of each level (``event="level"``).
+        fixed_levels, moving_levels: precomputed downsampled copies of the raw images by factor
+            (e.g. read from an ingested Zarr pyramid, made with :func:`regcore.pyramid.downsample`).
+            A pyramid level whose factor is present *and* whose grid is the one the level needs
+            reads it (normalised with the full image's intensity window) instead of smoothing and
+            resampling again; other levels are computed as usual.
 
     Raises:
         InputError: invalid images, masks or configuration, or no overlap in world space.
@@ -184,10 +191,10 @@ def register(
     linear: LinearTransform | None = None
     deformable: DeformableTransform | None = None
     for s, stage in enumerate(cfg.stages):
-        fixed_n = fixed.with_data(normalize_intensity(fixed.data, stage.normalize, mask=None if fmask is None else fmask.data))
-        moving_n = moving_orig.with_data(
-            normalize_intensity(moving_orig.data, stage.normalize, mask=None if mmask is None else mmask.data)
-        )
+        fwin = intensity_window(fixed.data, stage.normalize)
+        mwin = intensity_window(moving_orig.data, stage.normalize)
+        fixed_n = fixed.with_data(apply_window(fixed.data, fwin, stage.normalize))
+        moving_n = moving_orig.with_data(apply_window(moving_orig.data, mwin, stage.normalize))
         objective = Objective.from_config(stage, cfg.seed).to(dev)
         if stage.deformable:
             if linear is None:  # a deformable first stage: centre the images with a translation
@@ -207,8 +214,8 @@ def register(
         for lvl, (factor, max_iter) in enumerate(zip(stage.pyramid.factors, stage.pyramid.iterations)):
             record = LevelRecord(s, stage.transform, factor, ())
             args = (
-                downsample(fixed_n, factor, stage.pyramid.min_size),
-                downsample(moving_n, factor, stage.pyramid.min_size),
+                _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev),
+                _level_image(moving_n, moving_levels, mwin, factor, stage, dev),
                 downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
                 downsample(mmask, factor, stage.pyramid.min_size) if mmask is not None else None,
             )
@@ -243,6 +250,17 @@ def register(
         seconds=time.perf_counter() - t0,
         device=str(dev),
     )
+
+
+def _level_image(normalized: Image, levels: Mapping[float, Image] | None, window, factor: float,
+                 stage: StageConfig, device: torch.device) -> Image:
+    """The pyramid level ``factor`` of an image: precomputed when available and on the right grid."""
+    if factor != 1 and levels:
+        pre = levels.get(float(factor))
+        if pre is not None and pre.grid == normalized.grid.downsample(factor, stage.pyramid.min_size):
+            data = pre.data.to(device, torch.float32)
+            return Image(apply_window(data, window, stage.normalize), pre.grid)
+    return downsample(normalized, factor, stage.pyramid.min_size)
 
 
 def _compose(deformable: DeformableTransform, matrix: torch.Tensor, fixed: Image, moving: Image, mode: str) -> tuple[torch.Tensor, Image]:
