@@ -21,6 +21,7 @@ from pipeline.task import register_pair
 from pipeline.zarrio import read_image_array, write_image_array
 from regcore import Image, InputError, method_config, read_image, write_image
 from regcore.evaluation import mean_dice
+from regcore.points import map_points, read_points
 from regcore.sampling import sample_world
 
 
@@ -131,6 +132,10 @@ def test_task_writes_field_metrics_and_checksum(ingested):
     ds = open_results(store)
     assert str(ds["status"].values[0]) == "complete" and str(ds["status"].values[1]) == ""
     assert ds["dice_after"].values[0] > ds["dice_before"].values[0] + 0.1
+    # landmarks with known correspondence: TRE falls, and the stored figures are those of the field
+    assert ds["tre_after"].values[0] < 0.6 * ds["tre_before"].values[0]
+    fixed_pts, moving_pts = read_points(subs[0].landmarks), read_points(subs[1].landmarks)
+    assert float(ds["tre_before"].values[0]) == pytest.approx(np.linalg.norm(fixed_pts - moving_pts, axis=1).mean())
     assert verify_pair(store, 0)
     # the stored field, applied independently, reproduces the stored Dice
     field = read_field(store, 0)
@@ -140,6 +145,8 @@ def test_task_writes_field_metrics_and_checksum(ingested):
     warped = sample_world(mov_lab, pts, mode="nearest")
     assert mean_dice(atlas_lab.data, warped) == pytest.approx(float(ds["dice_after"].values[0]), abs=1e-9)
     assert torch.equal(read_warped_labels(store, 0).data.long(), warped.long())
+    tre = np.linalg.norm(map_points(fixed_pts, field) - moving_pts, axis=1).mean()
+    assert float(ds["tre_after"].values[0]) == pytest.approx(tre, rel=1e-5)
     # level records: 2 levels, iterations add up
     its = ds["level_iterations"].values[0]
     assert its.sum() == int(ds["iterations"].values[0]) and (ds["level_factor"].values[0] == [2.0, 1.0]).all()
@@ -174,3 +181,47 @@ def test_unstacked_fields_when_fixed_grids_differ(tmp_path):
     table = summary_table(open_results(store))
     assert list(table.index) == [p.pair_id for p in pairs]
     assert len(worst_pairs(open_results(store), "ncc_after", 1)) == 1
+
+
+def test_bids_folder_as_manifest(tmp_path):
+    img = make_image((10, 10, 10))
+    for sub, ses in (("01", "a"), ("01", "b"), ("02", "a")):
+        d = tmp_path / f"sub-{sub}" / f"ses-{ses}" / "anat"
+        d.mkdir(parents=True)
+        write_image(img, d / f"sub-{sub}_ses-{ses}_T1w.nii.gz")
+    deriv = tmp_path / "derivatives" / "seg" / "sub-02" / "ses-a" / "anat"
+    deriv.mkdir(parents=True)
+    write_image(Image(torch.ones_like(img.data).to(torch.int16), img.grid), deriv / "sub-02_ses-a_dseg.nii.gz")
+    subs = read_manifest(tmp_path)
+    assert [s.key for s in subs] == ["01_ses-a", "01_ses-b", "02_ses-a"]
+    assert subs[2].labels is not None and subs[0].labels is None
+    assert [(p.fixed, p.moving) for p in make_pairs(subs, "longitudinal")] == [("01_ses-a", "01_ses-b")]
+
+
+def test_cluster_profiles(tmp_path):
+    from cluster.profiles import load_profiles, profile_settings
+
+    assert {"local", "local-gpu", "slurm", "address"} <= set(load_profiles())
+    s = profile_settings("local", workers=3)
+    assert s["workers"] == 3 and s["threads"] >= 1
+    user = tmp_path / "c.yaml"
+    user.write_text("local:\n  workers: 5\nbig:\n  kind: local\n  workers: 7\n  threads: 2\n")
+    assert profile_settings("local", user)["workers"] == 5 and profile_settings("big", user)["workers"] == 7
+    with pytest.raises(InputError, match="unknown cluster profile"):
+        profile_settings("nope")
+
+
+def test_local_gpu_profile_gives_each_worker_its_own_device(monkeypatch):
+    """The local-gpu layout (one worker per GPU, CUDA_VISIBLE_DEVICES each, GPU=1), shown on CPU."""
+    from cluster.profiles import start_cluster
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    handle = start_cluster("local-gpu", workers=2, device="cpu")
+    try:
+        env = handle.client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(env.values()) == ["0", "1"]
+        info = handle.client.scheduler_info()["workers"].values()
+        assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in info)
+        assert handle.gpu
+    finally:
+        handle.close()

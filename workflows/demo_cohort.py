@@ -103,15 +103,42 @@ def random_diffeomorphism(grid: Grid, seed: int, max_mm: float = 6.0, smooth_mm:
     return torch.movedim(z - x, -1, 0).float()
 
 
-def make_demo_cohort(out: str | Path, subjects: int = 8, resolution: float = 3.0, seed: int = 0) -> Path:
-    """Write the atlas and ``subjects`` deformed copies (image + labels, NIfTI) under ``out`` and a
-    manifest ``out/manifest.csv`` whose first row is the atlas (key ``atlas``). Returns the manifest."""
+def invert_points(displacement: Image, targets: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Points ``x`` with ``x + U(x) = y`` for world points ``y`` ``(N, D)`` (fixed-point iteration,
+    converges when the field's gradient is small, as for the demo's smooth maps)."""
+    x = targets.clone()
+    for _ in range(iterations):
+        x = targets - sample_world(displacement, x, padding="border").T
+    return x
+
+
+def _write_points(points: torch.Tensor, path: Path) -> Path:
+    cols = "xyz"[: points.shape[1]]
+    lines = [",".join(cols)] + [",".join(f"{v:.6f}" for v in p) for p in points.tolist()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_demo_cohort(out: str | Path, subjects: int = 8, resolution: float = 3.0, seed: int = 0,
+                     landmarks: int = 20) -> Path:
+    """Write the atlas and ``subjects`` deformed copies under ``out`` and a manifest
+    ``out/manifest.csv`` whose first row is the atlas (key ``atlas``). Returns the manifest.
+
+    Each image comes with its label map and ``landmarks`` corresponding points (CSV, world mm):
+    seeded points inside the atlas's brain and, for each subject, the exact points where the
+    random map sends them (so TRE has a ground truth).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atlas, atlas_labels = load_atlas(resolution)
     grid = atlas.grid
+    gen = torch.Generator().manual_seed(seed)
+    inside = torch.nonzero(atlas_labels.data[0].reshape(-1) > 0)[:, 0]
+    picks = inside[torch.randperm(inside.numel(), generator=gen)[:landmarks]]
+    atlas_points = grid.world_points(dtype=torch.float64).reshape(-1, grid.ndim)[picks]
     rows = [Subject("atlas", write_image(atlas, out / "atlas.nii.gz"),
-                    labels=write_image(atlas_labels, out / "atlas_labels.nii.gz", pixel_dtype=np.int16))]
+                    labels=write_image(atlas_labels, out / "atlas_labels.nii.gz", pixel_dtype=np.int16),
+                    landmarks=_write_points(atlas_points, out / "atlas_landmarks.csv") if landmarks else None)]
     points = grid.world_points(dtype=torch.float64)
     for s in range(1, subjects + 1):
         u = random_diffeomorphism(grid, seed * 1000 + s)
@@ -123,6 +150,9 @@ def make_demo_cohort(out: str | Path, subjects: int = 8, resolution: float = 3.0
         bias = torch.nn.functional.interpolate(coarse, size=grid.shape, mode="trilinear", align_corners=True)[0]
         img = img * (1 + 0.1 * bias / bias.abs().max()) + 0.02 * torch.randn(img.shape, generator=gen)
         name = f"sub-{s:02d}"
+        # subject(x) = atlas(x + u(x)): the atlas point y sits at the x with x + u(x) = y
+        subject_points = invert_points(Image(u.double(), grid), atlas_points)
         rows.append(Subject(name, write_image(Image(img.float(), grid), out / f"{name}.nii.gz"),
-                            labels=write_image(Image(lab, grid), out / f"{name}_labels.nii.gz", pixel_dtype=np.int16)))
+                            labels=write_image(Image(lab, grid), out / f"{name}_labels.nii.gz", pixel_dtype=np.int16),
+                            landmarks=_write_points(subject_points, out / f"{name}_landmarks.csv") if landmarks else None))
     return write_manifest(rows, out / "manifest.csv")
