@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 import zarr
 
 from regcore import Grid, Image, InputError
@@ -314,8 +315,6 @@ def read_field(store: str | Path, pair: int | str) -> Image:
     else:
         arr = root[field_path(layout.pairs[i].pair_id)]["displacement"]
         data = arr[...]
-    import torch
-
     return Image(torch.from_numpy(np.ascontiguousarray(data)), grid_from_attrs(dict(arr.attrs)))
 
 
@@ -324,8 +323,6 @@ def read_warped_labels(store: str | Path, pair: int | str) -> Image | None:
     layout = read_layout(store)
     i = layout.index(pair)
     root = _root(store, "r")
-    import torch
-
     if layout.stacked:
         if "warped_labels" not in root:
             return None
