@@ -135,9 +135,10 @@ def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
         else:
             pairs = make_pairs(subjects, rule, atlas=args.atlas, direction=args.direction or wf.direction,
                                pair_list=args.pair_list)
+        method = args.method or _stored_method(store, args.config) or wf.method
         bar = _Bar(len(pairs), not args.no_progress)
         try:
-            summary = run_pairs(handle.client, store, pairs, args.method or wf.method, args.config,
+            summary = run_pairs(handle.client, store, pairs, method, args.config,
                                 window=args.window, retries=args.retries, gpu=handle.gpu, force=args.force,
                                 progress=bar, root_attrs={"workflow": wf.name})
         finally:
@@ -146,6 +147,14 @@ def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
         if own:
             handle.close()
     return summary
+
+
+def _stored_method(store: Path, overrides: str | None) -> dict | None:
+    """The full method config of the store's last run (so that ``cohortreg run STORE`` resumes it),
+    unless overrides are given or the store has no results yet."""
+    if overrides or not (store / "pairs.csv").exists():
+        return None
+    return dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs).get("config")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -238,7 +247,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas", help="atlas image key (its subject name) for atlas pairing")
     p.add_argument("--direction", help="atlas pairing: to-atlas, from-atlas or both")
     p.add_argument("--pair-list", help="CSV with fixed,moving columns for --pairs list")
-    p.add_argument("--method", help="regcore preset or chain (default: the workflow's)")
+    p.add_argument("--method", help="regcore preset or chain (default: the store's last method, else the workflow's)")
     p.add_argument("--config", help="YAML overrides deep-merged over the method")
     p.add_argument("--window", type=int, help="futures in flight (default 2 x task slots)")
     p.add_argument("--retries", type=int, default=1, help="Dask retries for lost tasks (default 1)")

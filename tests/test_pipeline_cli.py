@@ -76,3 +76,25 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "no results" in capsys.readouterr().err
     assert cohortreg(["ingest", str(tmp_path / "absent.csv"), str(tmp_path / "s.zarr")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_run_reports_failures_in_exit_status(demo_run, tmp_path, capsys):
+    """`cohortreg run --manifest`: a missing image fails its pair alone; exit status 1 and the count."""
+    out, _ = demo_run
+    cohort = out / "cohort"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,image,labels\n"
+                        f"atlas,{cohort / 'atlas.nii.gz'},{cohort / 'atlas_labels.nii.gz'}\n"
+                        f"sub-01,{cohort / 'sub-01.nii.gz'},{cohort / 'sub-01_labels.nii.gz'}\n"
+                        f"ghost,{tmp_path / 'ghost.nii.gz'},\n")
+    store = tmp_path / "s.zarr"
+    args = ["run", str(store), "--manifest", str(manifest), "--atlas", "atlas", "--method", "rigid",
+            "--workers", "1", "--threads", "1", "--no-progress"]
+    assert cohortreg(args) == 1
+    text = capsys.readouterr().out
+    assert "1 registered" in text and "1 failed" in text and "ghost.nii.gz" in text
+    # the log records every pair; the rerun retries only the failed pair
+    log = [json.loads(line) for line in open(text.split("run log: ")[1].split()[0])]
+    assert [e["event"] for e in log] == ["start", "pair", "pair", "end"]
+    assert cohortreg(args[:2] + ["--workers", "1", "--no-progress"]) == 1  # the frozen pair table is reused
+    assert "1 already complete (skipped), 1 failed" in capsys.readouterr().out
