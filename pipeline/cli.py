@@ -16,10 +16,8 @@ Exit status: 0 success; 1 some pairs failed (their number is printed and logged)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -70,7 +70,7 @@ def write_html_report(store: str | Path, out: str | Path, metric: str = "dice_af
     """Write ``out`` (HTML): summary table, then images of the ``max_pairs`` worst complete pairs."""
     ds = open_results(store)
     table = summary_table(ds)
-    parts = [f"<html><head><meta charset='utf-8'><title>cohortreg report</title></head><body>",
+    parts = ["<html><head><meta charset='utf-8'><title>cohortreg report</title></head><body>",
              f"<h1>cohortreg results: {html.escape(str(store))}</h1>",
              f"<p>method {html.escape(str(ds.attrs.get('method')))}, config hash "
              f"{html.escape(str(ds.attrs.get('config_hash')))}</p>",

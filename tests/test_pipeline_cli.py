@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.analysis import open_results
 from pipeline.cli import main as cohortreg

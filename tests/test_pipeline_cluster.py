@@ -21,7 +21,7 @@ from pipeline.analysis import open_results, verify_pair
 from pipeline.cli import main as cohortreg
 from pipeline.ingest import ingest
 from pipeline.manifest import Subject, read_manifest, write_manifest
-from pipeline.pairs import make_pairs, write_pairs
+from pipeline.pairs import make_pairs
 from pipeline.runner import run_pairs
 from pipeline.store import PairWriter, read_field
 from regcore import Image, read_image, write_image

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -13,12 +12,12 @@ import zarr
 from conftest import FAST_METHOD, make_image
 from pipeline.analysis import open_results, summary_table, verify_pair, worst_pairs
 from pipeline.ingest import ingest
-from pipeline.manifest import Subject, read_manifest, write_manifest
+from pipeline.manifest import Subject, read_manifest
 from pipeline.pairs import make_pairs
 from pipeline.runner import plan_pairs
 from pipeline.store import read_field, read_warped_labels
 from pipeline.task import register_pair
-from pipeline.zarrio import read_image_array, write_image_array
+from pipeline.zarrio import read_image_array
 from regcore import Image, InputError, method_config, read_image, write_image
 from regcore.evaluation import mean_dice
 from regcore.points import map_points, read_points
