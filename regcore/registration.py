@@ -279,10 +279,27 @@ def _make_deformable(stage: StageConfig, fixed: Image) -> DeformableTransform:
     params = dict(stage.transform_params)
     if stage.transform == "svf" and "control_factor" in params:  # velocity on a coarser grid, by factor
         params["control_grid"] = fixed.grid.downsample(float(params.pop("control_factor")), min_size=4)
+    if stage.transform == "svf" and "control_spacing_mm" in params:  # velocity grid by spacing (mm)
+        params["control_grid"] = velocity_grid(fixed.grid, float(params.pop("control_spacing_mm")))
     try:
         return cls(fixed.grid, **params)
     except TypeError as exc:
         raise InputError(f"transform {stage.transform!r}: bad transform_params {stage.transform_params} ({exc})") from exc
+
+
+def velocity_grid(grid: Grid, spacing_mm: float, min_size: int = 4) -> Grid:
+    """A grid over ``grid``'s box (same first and last voxel centres, same direction) with about
+    ``spacing_mm`` between nodes (never finer than ``grid``, at least ``min_size`` nodes per axis
+    unless ``grid`` has fewer): the velocity grid of an SVF, independent of the image resolution."""
+    if not spacing_mm > 0:
+        raise InputError(f"svf control_spacing_mm must be positive, got {spacing_mm}")
+    size, spacing = [], []
+    for n, sp in zip(grid.size, grid.spacing):
+        extent = (n - 1) * sp
+        m = min(n, max(min(n, min_size), int(round(extent / spacing_mm)) + 1))
+        size.append(m)
+        spacing.append(extent / (m - 1) if m > 1 else sp)
+    return Grid(tuple(size), tuple(spacing), grid.origin, grid.direction)
 
 
 def linear_displacement(matrix: torch.Tensor, fixed: Image) -> Image:
@@ -354,6 +371,7 @@ def _deformable_level(
     transform.set_level(grid)
     data = DeformableLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation, matrix)
     record.voxels = data.voxels
+    reg_grid = transform.regularization_grid(grid)
 
     def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
         u = transform.displacement(grid)
@@ -362,7 +380,7 @@ def _deformable_level(
             return u.sum() * 0 + OUT_OF_VIEW_LOSS, {}
         loss, parts = objective.similarity(fixed_t, warped, mask, grid.spacing)
         if objective.has_regularizers:
-            reg, reg_parts = objective.regularization(transform.regularization_field(grid), grid)
+            reg, reg_parts = objective.regularization(transform.regularization_field(reg_grid), reg_grid)
             loss = loss + reg
             parts.update(reg_parts)
         return loss, parts

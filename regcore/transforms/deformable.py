@@ -388,6 +388,12 @@ class DeformableTransform(nn.Module):
         """The field ``(D, *grid.shape)`` (mm) that regularisers act on: the displacement here."""
         return self.displacement(grid)
 
+    def regularization_grid(self, grid: Grid) -> Grid:
+        """The grid on which regularisers see :meth:`regularization_field` while a pyramid level
+        on ``grid`` is optimised: ``grid`` here. Smooth parameterisations return a coarser grid
+        that resolves the field just as well (cheaper at fine levels, same energy per mm^3)."""
+        return grid
+
     def set_level(self, grid: Grid) -> None:
         """Called when a pyramid level on ``grid`` starts. Does nothing unless overridden."""
 

@@ -121,3 +121,7 @@ class StationaryVelocityField(DeformableTransform):
     def regularization_field(self, grid: Grid) -> torch.Tensor:
         """The velocity ``v`` ``(D, *grid.shape)`` (mm) resampled onto ``grid``."""
         return resample_field(self.velocity, self.velocity_grid, grid)
+
+    def regularization_grid(self, grid: Grid) -> Grid:
+        """``velocity_grid``: the velocity is regularised where it lives (no resampling)."""
+        return self.velocity_grid
