@@ -39,11 +39,8 @@ PHYSICAL_PYRAMID = {"pyramid": {"factors": [4.0 / FACTOR, 2.0 / FACTOR]}}
 MIN_GAIN = 0.08
 MAX_NONPOSITIVE_PERCENT = 0.05
 
-pytestmark = [
-    pytest.mark.realdata,
-    pytest.mark.skipif(os.environ.get("COHORTREG_SLOW") != "1",
-                       reason="slow (minutes per pair on CPU): set COHORTREG_SLOW=1 to run the brain label-map acceptance"),
-]
+slow = pytest.mark.skipif(os.environ.get("COHORTREG_SLOW") != "1",
+                          reason="slow (minutes per pair on CPU): set COHORTREG_SLOW=1 to run the brain label-map acceptance")
 
 
 def load_labels(subject: int, factor: float = FACTOR) -> Image:
@@ -64,6 +61,8 @@ def _dice(displacement: Image, fixed_labels: Image, moving_labels: Image, labels
     return mean_dice(fixed_labels.data, sample_world(moving_labels, pts, mode="nearest"), labels)
 
 
+@pytest.mark.realdata
+@slow
 @pytest.mark.parametrize("pair", PAIRS, ids=[f"{f}-{m}" for f, m in PAIRS])
 def test_brain_labelmaps_dice_gain(pair):
     torch.manual_seed(0)
@@ -83,3 +82,17 @@ def test_brain_labelmaps_dice_gain(pair):
     assert row["svf"] - row["affine"] >= MIN_GAIN, row
     assert row["ffd"] - row["affine"] >= MIN_GAIN, row
     assert row["svf_nonpositive_percent"] < MAX_NONPOSITIVE_PERCENT, row
+
+
+# ----------------------------------------------------------------------------- preset pieces (fast)
+
+
+def test_svf_velocity_grid_by_spacing_spans_the_image_box():
+    from regcore.registration import velocity_grid
+
+    grid = Grid((161, 181, 217), (1.0, 1.0, 1.0), (10.0, -5.0, 3.0))
+    vg = velocity_grid(grid, 4.0)
+    np.testing.assert_allclose(vg.corners().min(0), grid.corners().min(0), atol=1e-9)
+    np.testing.assert_allclose(vg.corners().max(0), grid.corners().max(0), atol=1e-9)
+    assert all(3.9 < s < 4.1 for s in vg.spacing) and vg.size == (41, 46, 55)
+    assert velocity_grid(Grid((5, 5, 5), (1.0, 1.0, 1.0)), 4.0).size == (4, 4, 4)  # never below min_size
