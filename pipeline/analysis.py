@@ -12,7 +12,7 @@ import zarr
 
 from regcore import InputError
 
-from .store import CHECKSUM_VARS, field_path, pair_checksum, read_layout
+from .store import field_path, pair_checksum, read_layout, read_values
 
 __all__ = ["open_results", "summary_table", "worst_pairs", "verify_pair", "status_counts", "field_dataarray"]
 
@@ -78,10 +78,7 @@ def verify_pair(store: str | Path, pair: int | str) -> bool:
     root = zarr.open_group(str(store), mode="r", zarr_format=3)
     if str(root["status"][i]) != "complete":
         raise InputError(f"pair {layout.pairs[i].pair_id}: not complete (status {str(root['status'][i])!r})")
-    values: dict[str, Any] = {}
-    for name in CHECKSUM_VARS:
-        v = root[name][i]
-        values[name] = np.asarray(v) if np.ndim(v) else (str(v) if root[name].dtype.kind not in "fiu" else np.asarray(v)[()])
+    values = read_values(store, i)
     if layout.stacked:
         fld = root["displacement"][i]
         labs = root["warped_labels"][i] if "warped_labels" in root else None

@@ -28,7 +28,7 @@ from regcore.points import read_points
 from regcore.pyramid import downsample
 
 from .manifest import Subject
-from .zarrio import grid_attrs, write_image_array
+from .zarrio import grid_attrs, level_name, write_image_array
 
 __all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint"]
 
@@ -129,14 +129,14 @@ def _write_subject(group: zarr.Group, subject: Subject) -> dict[str, Any]:
     _validate_image(image, subject.image)
     digest = hashlib.sha256()
     levels = group.create_group("image")
-    arr = write_image_array(levels, "0", image)
+    write_image_array(levels, "0", image)  # level 0: the original grid
     digest.update(image.data.numpy().tobytes())
     stored = [1.0]
     for factor in LEVELS:
         coarse = downsample(image, factor)
         if coarse.grid.size == image.grid.size:
             break
-        write_image_array(levels, _level_name(factor), coarse)
+        write_image_array(levels, level_name(factor), coarse)
         stored.append(factor)
     attrs: dict[str, Any] = {"ndim": image.ndim, "channels": int(image.data.shape[0]), "levels": stored,
                              **grid_attrs(image.grid), "labels": [], "has_mask": False, "landmarks": 0}
@@ -165,12 +165,7 @@ def _write_subject(group: zarr.Group, subject: Subject) -> dict[str, Any]:
         digest.update(pts.tobytes())
         attrs["landmarks"] = int(pts.shape[0])
     attrs["content_sha256"] = digest.hexdigest()
-    del arr
     return attrs
-
-
-def _level_name(factor: float) -> str:
-    return str(int(factor)) if float(factor).is_integer() else str(factor)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from .zarrio import COMPRESSOR, grid_attrs, grid_from_attrs
 __all__ = [
     "STRING_VARS", "FLOAT_VARS", "INT_VARS", "LABEL_VARS", "LEVEL_VARS", "CHECKSUM_VARS",
     "StoreLayout", "init_results", "read_layout", "PairWriter", "pair_checksum", "read_field",
-    "read_warped_labels", "read_status", "mark_failed", "field_path",
+    "read_warped_labels", "read_status", "mark_failed", "field_path", "read_values",
 ]
 
 # per-pair variables (dimension "pair")
@@ -233,6 +233,26 @@ def pair_checksum(values: dict[str, Any], field: np.ndarray | None, warped_label
     return h.hexdigest()
 
 
+def _as_stored(arr: zarr.Array, value: Any) -> Any:
+    """``value`` cast (and, for a ``(pair, k)`` array, padded) as array ``arr`` stores one pair's entry."""
+    fill = np.nan if arr.dtype.kind == "f" else arr.fill_value
+    if arr.ndim == 2:
+        row = np.full(arr.shape[1], fill, dtype=arr.dtype)
+        if value is not None:
+            v = np.asarray(value, dtype=arr.dtype)[: arr.shape[1]]
+            row[: len(v)] = v
+        return row
+    if arr.dtype.kind in "fiu":
+        return np.asarray(fill if value is None else value, dtype=arr.dtype)[()]
+    return "" if value is None else str(value)
+
+
+def read_values(store: str | Path, index: int) -> dict[str, Any]:
+    """A pair's :data:`CHECKSUM_VARS` as stored (the input of :func:`pair_checksum`)."""
+    root = _root(store, "r")
+    return {name: _as_stored(root[name], root[name][index]) for name in CHECKSUM_VARS}
+
+
 class PairWriter:
     """Writes one pair's results; a task holds one and touches only its pair's chunks."""
 
@@ -274,17 +294,20 @@ class PairWriter:
             if labs is not None and warped_labels is not None:
                 labs[...] = warped_labels
 
+    @property
+    def has_warped_labels(self) -> bool:
+        return self._field_arrays()[1] is not None
+
+    def as_stored(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every :data:`CHECKSUM_VARS` value as the store holds it: cast to the array's dtype,
+        vectors padded with the fill value, absent ones as the fill value."""
+        return {name: _as_stored(self.root[name], values.get(name)) for name in CHECKSUM_VARS}
+
     def write_values(self, values: dict[str, Any]) -> None:
         """Per-pair metrics: names from the ``*_VARS`` tuples; vectors padded to the dimension."""
         for name, value in values.items():
             arr = self.root[name]
-            if arr.ndim == 2:
-                row = np.full(arr.shape[1], arr.fill_value if arr.dtype.kind != "f" else np.nan, dtype=arr.dtype)
-                v = np.asarray(value, dtype=arr.dtype)[: arr.shape[1]]
-                row[: len(v)] = v
-                arr[self.index] = row
-            else:
-                arr[self.index] = value
+            arr[self.index] = _as_stored(arr, value)
 
     def finish(self, status: str) -> None:
         """The status, written last."""

@@ -28,8 +28,8 @@ from regcore.regularizers.functional import jacobian_stats
 from regcore.sampling import sample_world
 from regcore.points import map_points
 
-from .store import CHECKSUM_VARS, PairWriter, pair_checksum
-from .zarrio import read_image_array
+from .store import PairWriter, pair_checksum
+from .zarrio import level_name, read_image_array
 
 __all__ = ["register_pair", "load_subject", "pair_metrics", "inputs_hash", "worker_device"]
 
@@ -70,9 +70,7 @@ def load_subject(store: str | Path, key: str, role: str) -> dict[str, Any]:
     attrs = dict(group.attrs)
     if attrs.get("status") != "ok":
         raise InputError(f"{role} image {key!r}: {attrs.get('error') or 'ingest did not finish'}")
-    levels = {float(f): read_image_array(group[f"image/{name}"])
-              for f, name in ((f, str(int(f)) if float(f).is_integer() else str(f)) for f in attrs.get("levels", [])[1:])
-              if name in group["image"]}
+    levels = {float(f): read_image_array(group["image"][level_name(f)]) for f in attrs.get("levels", [])[1:]}
     out: dict[str, Any] = {"image": read_image_array(group["image/0"]), "levels": levels, "labels": None,
                            "mask": None, "landmarks": None, "sha": attrs["content_sha256"]}
     if "labels" in group:
@@ -215,35 +213,11 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
                    "inputs_hash": inputs_hash(fixed["sha"], moving["sha"])})
     values["write_s"] = time.perf_counter() - t_w
     values["runtime_s"] = time.perf_counter() - t0
-    stored = _as_stored(writer, values)
-    checksum = pair_checksum(stored, field, warped_labels if "warped_labels" in _field_names(writer) else None)
+    stored = writer.as_stored(values)
+    checksum = pair_checksum(stored, field, warped_labels if writer.has_warped_labels else None)
     writer.write_values({k: v for k, v in stored.items() if k not in ("config_hash", "inputs_hash")})
     writer.write_values({"config_hash": chash, "inputs_hash": values["inputs_hash"], "checksum": checksum,
                          "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     writer.finish("complete")
     out.update(status="complete", checksum=checksum, runtime_s=values["runtime_s"], regcore_s=t_reg, t_end=time.time())
     return out
-
-
-def _field_names(writer: PairWriter) -> set[str]:
-    disp, labs = writer._field_arrays()
-    return {"displacement"} | ({"warped_labels"} if labs is not None else set())
-
-
-def _as_stored(writer: PairWriter, values: dict[str, Any]) -> dict[str, Any]:
-    """The values as the store will hold them (dtype casts, vectors padded), for the checksum."""
-    stored: dict[str, Any] = {}
-    for name in CHECKSUM_VARS:
-        arr = writer.root[name]
-        value = values.get(name)
-        if arr.ndim == 2:
-            row = np.full(arr.shape[1], np.nan if arr.dtype.kind == "f" else arr.fill_value, dtype=arr.dtype)
-            if value is not None:
-                v = np.asarray(value, dtype=arr.dtype)[: arr.shape[1]]
-                row[: len(v)] = v
-            stored[name] = row
-        elif arr.dtype.kind in "fiu":
-            stored[name] = np.asarray(value if value is not None else arr.fill_value, dtype=arr.dtype)[()]
-        else:
-            stored[name] = "" if value is None else str(value)
-    return stored

@@ -32,6 +32,7 @@ __all__ = [
     "write_image_array",
     "read_image_array",
     "image_chunks",
+    "level_name",
 ]
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -50,6 +51,11 @@ def grid_attrs(grid: Grid) -> dict[str, Any]:
 def grid_from_attrs(attrs: dict[str, Any]) -> Grid:
     """The :class:`Grid` described by :func:`grid_attrs` output."""
     return Grid(tuple(attrs["size"]), tuple(attrs["spacing"]), tuple(attrs["origin"]), tuple(attrs["direction"]))
+
+
+def level_name(factor: float) -> str:
+    """Array name of a pyramid level: ``"2"`` for factor 2, ``"1.5"`` for 1.5."""
+    return str(int(factor)) if float(factor).is_integer() else str(factor)
 
 
 def image_chunks(shape: tuple[int, ...], edge: int = 64) -> tuple[int, ...]:
