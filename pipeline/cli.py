@@ -45,8 +45,13 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster(args: argparse.Namespace):
+    import distributed  # noqa: F401  (configures its loggers on import; quieten them after that)
+
     from cluster.profiles import start_cluster
 
+    if not getattr(args, "verbose", False):
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     handle = start_cluster(args.profile, args.cluster_config, workers=args.workers, threads=args.threads,
                            address=args.address)
     print(f"dask dashboard: {handle.dashboard_link}", file=sys.stderr)
@@ -307,9 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        for name in ("distributed", "bokeh", "tornado"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.func(args)
     except InputError as exc:
