@@ -2,15 +2,14 @@
 affine+ffd for subject pairs of ../shared/data/brain-labelmaps, intensities made by the seeded
 recipe in ``regcore.synthetic`` (shared contrast seed 0, per-subject seed = subject number).
 
-    python benchmarks/brain_pairs.py [--factor 2] [--pairs 6] [--methods affine+svf,affine+ffd] [--preset-factors]
+    python benchmarks/brain_pairs.py [--factor 2] [--pairs 6] [--methods affine+svf,affine+ffd]
 
 Prints one JSON line per pair: mean Dice over the foreground labels (``affine``: the linear part of
 the first chain), seconds, and the percentage of voxels with a non-positive Jacobian.
 
-The deformable presets' pyramid ``[4, 2]`` means levels at 4 and 2 mm on the 1 mm images they are
-tuned for. At ``--factor F`` (images at F mm) the deformable stages run the same physical levels
-(factors ``[4/F, 2/F]``, as tests/test_acceptance_brain.py does) unless ``--preset-factors`` keeps
-the preset's factors (coarser levels: 8 and 4 mm at F = 2).
+The presets run unchanged. Their deformable pyramid is given in mm (``spacing_mm: [4, 2]``), so at
+``--factor F`` (images at F mm) the deformable levels are at 4 and 2 mm (or the image's own
+resolution when F > 2), as on the 1 mm images they are tuned for.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import torch
 
 from regcore import Grid, Image, read_image, register
 from regcore.evaluation import mean_dice
-from regcore.methods import method_config
 from regcore.registration import linear_displacement
 from regcore.sampling import sample_world
 from regcore.synthetic import intensity_from_labels
@@ -55,7 +53,6 @@ def main() -> None:
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--methods", default="affine+svf,affine+ffd")
-    ap.add_argument("--preset-factors", action="store_true", help="keep the deformable pyramid factors at any --factor")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,11 +63,7 @@ def main() -> None:
         row = {"pair": [fi, mi], "size": list(fl.grid.size)}
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            config = None
-            if "+" in method and not args.preset_factors:
-                n_linear = len(method_config(method).stages) - 1
-                config = {"stages": [{}] * n_linear + [{"pyramid": {"factors": [4.0 / args.factor, 2.0 / args.factor]}}]}
-            res = register(fixed, moving, method, config=config)
+            res = register(fixed, moving, method)
             if "affine" not in row and res.deformable is not None:
                 aff = linear_displacement(res.transform.matrix().detach(), fixed)
                 row["affine"] = {"dice": round(mean_dice(fl.data, sample_world(ml, fl.grid.world_points() + torch.movedim(aff.data, 0, -1), mode="nearest"), labels), 4)}

@@ -94,7 +94,7 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
     fixed_grids = {p.fixed: (grid_from_attrs(ok[p.fixed]) if p.fixed in ok else None) for p in pairs}
     labels = sorted({int(v) for p in pairs for k in (p.fixed, p.moving) if k in ok for v in ok[k].get("labels", [])})
     moving_labels = any(ok.get(p.moving, {}).get("labels") and ok.get(p.fixed, {}).get("labels") for p in pairs)
-    n_levels = sum(len(stage.pyramid.factors) for stage in cfg.stages)
+    n_levels = sum(stage.pyramid.n_levels for stage in cfg.stages)
     chash = config_hash(cfg)
     attrs = {"method": cfg.name, "config": json.loads(cfg.model_dump_json()), "config_hash": chash,
              "versions": package_versions(), **(root_attrs or {})}

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,8 @@ MEASURES = ("mse", "ncc", "lncc", "ssim", "mi", "nmi", "ngf")
 LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
 DEFORMABLE_KINDS = ("dense", "ffd", "wendland", "svf")
 REGULARIZERS = ("diffusion", "tv", "tv_aniso", "l1", "bending", "jacobian")
+#: Keys that give one setting in different ways: an override naming one drops the others.
+ALTERNATIVE_KEYS = (("factors", "spacing_mm"),)
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs", "rmsprop", "adagrad")
 
 
@@ -82,9 +84,23 @@ class OptimizerConfig(_Strict):
 
 
 class PyramidConfig(_Strict):
-    """Downsampling factors (coarse first) and the maximum iterations at each level."""
+    """The levels of one stage (coarse first) and the maximum iterations at each level.
 
-    factors: list[float] = Field(default_factory=lambda: [4.0, 2.0, 1.0])
+    Levels are given one of two ways (not both):
+
+    - ``factors``: downsampling factors relative to the fixed image (``[4, 2, 1]``: a quarter,
+      half and full resolution, whatever the voxel size). The default, ``[4, 2, 1]``.
+    - ``spacing_mm``: target voxel sizes in mm (``[4, 2]``: levels at 4 mm and 2 mm). The factor
+      of a level is ``spacing_mm / finest fixed spacing``, never below 1, so the same setting
+      gives the same physical levels on a 1 mm brain, a 3 mm brain or a 1.4 x 1.4 x 2.5 mm CT.
+      Consecutive levels that come out equal (a 4 mm image with ``[4, 2]``) run as one level
+      with their iterations added up.
+
+    A config override that names either key replaces the other (see :func:`deep_merge`).
+    """
+
+    factors: list[float] | None = None
+    spacing_mm: list[float] | None = None
     iterations: list[int] = Field(default_factory=lambda: [50, 30, 20])
     min_size: int = Field(8, ge=2)
 
@@ -93,20 +109,52 @@ class PyramidConfig(_Strict):
     def _broadcast_iterations(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("iterations"), int):
             data = dict(data)
-            data["iterations"] = [data["iterations"]] * len(data.get("factors", [4.0, 2.0, 1.0]))
+            n = len(data.get("factors") or data.get("spacing_mm") or [4.0, 2.0, 1.0])
+            data["iterations"] = [data["iterations"]] * n
         return data
 
     @model_validator(mode="after")
     def _check(self) -> "PyramidConfig":
-        if not self.factors:
+        if self.factors is not None and self.spacing_mm is not None:
+            raise ValueError("give the pyramid levels as factors or as spacing_mm, not both")
+        if self.factors is None and self.spacing_mm is None:
+            self.factors = [4.0, 2.0, 1.0]
+        levels, what = (self.factors, "factors") if self.factors is not None else (self.spacing_mm, "spacing_mm")
+        if not levels:
             raise ValueError("pyramid needs at least one level")
-        if len(self.iterations) != len(self.factors):
-            raise ValueError(f"pyramid has {len(self.factors)} factors but {len(self.iterations)} iteration counts")
-        if any(f < 1 for f in self.factors):
+        if len(self.iterations) != len(levels):
+            raise ValueError(f"pyramid has {len(levels)} {what} but {len(self.iterations)} iteration counts")
+        if self.factors is not None and any(f < 1 for f in self.factors):
             raise ValueError("pyramid factors must be >= 1")
+        if self.spacing_mm is not None and any(not s > 0 for s in self.spacing_mm):
+            raise ValueError("pyramid spacing_mm must be > 0")
         if any(i < 0 for i in self.iterations):
             raise ValueError("iteration counts must be >= 0")
         return self
+
+    @property
+    def n_levels(self) -> int:
+        """Number of levels as configured (before equal levels are merged)."""
+        return len(self.iterations)
+
+    def level_factors(self, spacing: Sequence[float]) -> list[tuple[float, int]]:
+        """``[(factor, max_iterations)]`` per level for a fixed image of voxel size ``spacing`` (mm).
+
+        With ``factors`` these are the configured pairs. With ``spacing_mm`` the factor is
+        ``max(1, spacing_mm / min(spacing))``; consecutive equal factors are merged into one level
+        whose iteration count is their sum.
+        """
+        if self.factors is not None:
+            return [(float(f), int(i)) for f, i in zip(self.factors, self.iterations)]
+        finest = min(float(s) for s in spacing)
+        out: list[tuple[float, int]] = []
+        for target, iters in zip(self.spacing_mm, self.iterations):
+            factor = max(1.0, float(target) / finest)
+            if out and abs(out[-1][0] - factor) < 1e-9:
+                out[-1] = (out[-1][0], out[-1][1] + int(iters))
+            else:
+                out.append((factor, int(iters)))
+        return out
 
 
 class StoppingConfig(_Strict):
@@ -198,9 +246,17 @@ def deep_merge(base: dict, override: dict) -> dict:
     """Recursive merge: dicts merge by key; ``stages`` lists merge element-wise; other values replace.
 
     A mapping whose ``name`` differs from the base's (say an optimiser ``adam`` over ``lbfgs``)
-    replaces it whole, so options of the old choice never leak into the new one.
+    replaces it whole, so options of the old choice never leak into the new one. Likewise keys
+    that are alternative spellings of one setting (:data:`ALTERNATIVE_KEYS`: a pyramid's
+    ``factors`` and ``spacing_mm``): an override naming one drops the other from the base.
     """
     out = copy.deepcopy(base)
+    for group in ALTERNATIVE_KEYS:
+        named = [key for key in group if key in override]
+        if named:
+            for key in group:
+                if key not in named:
+                    out.pop(key, None)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and value.get("name", out[key].get("name")) == out[key].get("name"):
             out[key] = deep_merge(out[key], value)

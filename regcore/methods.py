@@ -44,18 +44,22 @@ _DEFORMABLE_STAGE = {
     # plain gradient descent on the objective scaled to a unit initial gradient: the largest
     # update is ~lr mm; Adam's per-voxel normalisation would amplify noise in flat regions
     "optimizer": {"name": "sgd", "lr": 1.0, "params": {"momentum": 0.9}},
-    "pyramid": {"factors": [4, 2], "iterations": [100, 60]},
+    # levels in mm, not relative factors: a control grid or velocity grid of a few mm must never be
+    # fitted on a level coarser than itself (a 3 mm image at factor 4 is a 12 mm level, which
+    # leaves nodes between samples to the regulariser and aliases the coarse solution)
+    "pyramid": {"spacing_mm": [4, 2], "iterations": [100, 60]},
     "stopping": {"rel_tol": 1e-5, "patience": 15},
     "normalize": "percentile",
 }
 
 # ffd and svf are tuned for 3D brain MRI at 1 mm (levels at 4 and 2 mm; no full-resolution level,
-# which would cost ~8x a 2 mm iteration: 60 s on 2 CPU cores) and work unchanged on lung CT and 2D:
+# which would cost ~8x a 2 mm iteration: 60 s on 2 CPU cores; images coarser than 2 mm run at
+# their own resolution) and work unchanged on lung CT and 2D:
 # LNCC over 5 voxels (10 mm at the 2 mm level: local enough for small structures, wide enough
 # for real MR noise), many cheap coarse iterations and few fine ones.
 _BRAIN_TUNED = {
     "objective": [{"measure": "lncc", "params": {"window": 5}}],
-    "pyramid": {"factors": [4, 2], "iterations": [100, 40]},
+    "pyramid": {"spacing_mm": [4, 2], "iterations": [100, 40]},
 }
 
 PRESETS.update(

@@ -211,7 +211,7 @@ def register(
             else:
                 initialize_linear(linear, fixed, moving_orig, "geometry" if stage.init == "previous" else stage.init, fmask, mmask)
             _check_overlap(fixed, moving_orig, linear, fixed_name, moving_name)
-        for lvl, (factor, max_iter) in enumerate(zip(stage.pyramid.factors, stage.pyramid.iterations)):
+        for lvl, (factor, max_iter) in enumerate(stage.pyramid.level_factors(fixed.grid.spacing)):
             record = LevelRecord(s, stage.transform, factor, ())
             args = (
                 _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev),

@@ -51,6 +51,45 @@ def test_svf_inverse_is_consistent(bsplined_pair):
     assert ic["mean_mm"] < 0.1 and ic["max_mm"] < 1.0
 
 
+# ----------------------------------------------------------------------------- presets away from 1 mm
+
+
+@pytest.mark.parametrize("method", ["svf", "ffd"])
+def test_presets_recover_a_known_field_at_3mm(method):
+    """The MNI152 atlas at 3 mm against itself warped by a known smooth diffeomorphism (no affine
+    part, no noise; mean |u| 1.7 mm in the brain). The presets, unchanged, halve the field error
+    and raise the tissue Dice. With pyramid *factors* [4, 2] (12 and 6 mm levels, coarser than
+    the 4 mm velocity grid and 6 mm control grid) they did neither: error 1.52 / 1.39 mm, Dice
+    0.831 / 0.814 against 0.856 unregistered."""
+    import torch
+
+    from regcore import Image
+    from regcore.evaluation import mean_dice
+    from regcore.sampling import sample_world
+    from workflows.demo_cohort import load_atlas, random_diffeomorphism
+
+    atlas, labels = load_atlas(3.0)
+    grid = atlas.grid
+    u = random_diffeomorphism(grid, 1, max_mm=40.0, rotation_deg=0.0, shift_mm=0.0, scale=0.0)
+    mapped = grid.world_points(dtype=torch.float64) + torch.movedim(u.double(), 0, -1)
+    subject = Image(sample_world(atlas, mapped).float(), grid)  # subject(x) = atlas(x + u(x))
+    subject_labels = sample_world(labels, mapped, mode="nearest")
+    brain = labels.data[0] > 0
+    error0 = float(torch.linalg.norm(u, dim=0)[brain].mean())
+    dice0 = mean_dice(subject_labels, labels.data, [1, 2, 3])
+
+    res = register(subject, atlas, method)
+    d = res.displacement.data
+    error = float(torch.linalg.norm(d - u, dim=0)[brain].mean())
+    warped = sample_world(labels, grid.world_points() + torch.movedim(d, 0, -1), mode="nearest")
+    dice = mean_dice(subject_labels, warped, [1, 2, 3])
+    print(f"{method} at 3 mm: field error {error0:.2f} -> {error:.2f} mm, Dice {dice0:.3f} -> {dice:.3f}")
+    assert [round(lv.factor, 2) for lv in res.levels] == [round(4 / min(grid.spacing), 2), 1.0]
+    assert error < 0.6 * error0
+    assert dice > dice0 + 0.01
+    assert float(res.jacobian.data.min()) > 0
+
+
 # ----------------------------------------------------------------------------- lung CT
 
 

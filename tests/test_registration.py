@@ -158,6 +158,43 @@ def test_config_validation_and_hash():
         method_config("rigid", {"stages": [{"pyramid": {"factors": [4, 2, 1], "iterations": [1, 2]}}]})
 
 
+def test_pyramid_levels_in_mm():
+    from regcore.config import PyramidConfig
+
+    mm = PyramidConfig(spacing_mm=[4, 2], iterations=[100, 40])
+    assert mm.level_factors((3.0, 3.0, 3.0)) == [(pytest.approx(4 / 3), 100), (1.0, 40)]
+    # anisotropic CT: the finest axis sets the factor
+    ct = mm.level_factors((1.366, 1.366, 2.5))
+    assert [f for f, _ in ct] == [pytest.approx(4 / 1.366), pytest.approx(2 / 1.366)]
+    # never finer than the image; equal levels merge and keep their iterations
+    assert mm.level_factors((5.0, 5.0)) == [(1.0, 140)]
+    assert PyramidConfig(factors=[4, 2], iterations=[3, 2]).level_factors((3.0, 3.0)) == [(4.0, 3), (2.0, 2)]
+    assert PyramidConfig().factors == [4.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="not both"):
+        PyramidConfig(factors=[2, 1], spacing_mm=[4, 2], iterations=[1, 1])
+    with pytest.raises(ValueError, match="spacing_mm but"):
+        PyramidConfig(spacing_mm=[4, 2], iterations=[1])
+
+
+def test_pyramid_override_replaces_the_other_spelling():
+    svf = method_config("svf")
+    assert svf.stages[0].pyramid.spacing_mm == [4.0, 2.0] and svf.stages[0].pyramid.factors is None
+    relative = method_config("svf", {"stages": [{"pyramid": {"factors": [2, 1]}}]})
+    assert relative.stages[0].pyramid.factors == [2.0, 1.0] and relative.stages[0].pyramid.spacing_mm is None
+    assert relative.stages[0].pyramid.iterations == [100, 40]  # the rest of the preset's pyramid is kept
+    rigid_mm = method_config("rigid", {"stages": [{"pyramid": {"spacing_mm": [8, 4, 2]}}]})
+    assert rigid_mm.stages[0].pyramid.factors is None and rigid_mm.stages[0].pyramid.spacing_mm == [8.0, 4.0, 2.0]
+    assert config_hash(relative) != config_hash(svf)
+
+
+def test_deformable_levels_follow_the_image_spacing():
+    """The svf preset's levels are at 4 and 2 mm: factors 4, 2 on a 1 mm image, 2, 1 on a 2 mm one."""
+    for spacing, expected in ((1.0, [4.0, 2.0]), (2.0, [2.0, 1.0]), (4.0, [1.0])):
+        fixed = Image(torch.from_numpy(blobs((24, 24))).float(), Grid((24, 24), (spacing, spacing)))
+        res = register(fixed, fixed, "svf", config={"stages": [{"pyramid": {"iterations": [2, 2]}}]})
+        assert [lv.factor for lv in res.levels] == pytest.approx(expected)
+
+
 def test_bare_stage_gets_a_safe_lbfgs():
     from regcore.config import validate_config
 
