@@ -93,20 +93,25 @@ def test_presets_recover_a_known_field_at_3mm(method):
 # ----------------------------------------------------------------------------- lung CT
 
 
-def test_lung_followup_to_baseline_landmarks():
+@pytest.mark.parametrize("method", ["affine+ffd", "affine+svf"])
+def test_lung_followup_to_baseline_landmarks(method):
+    """Lung masks, presets untouched (the issue: defaults that work on lung CT without tuning).
+    The mean distance of the 10 landmark pairs falls after the affine part of the chain and falls
+    again after the deformable stage (identity 34.86 mm, affine 5.53, ffd 5.25, svf 5.20)."""
+    from regcore.registration import linear_displacement
+
     fixed = read_image(shared_data("lung-ct", "3DCT_lung_baseline_mask.mha"))
     moving = read_image(shared_data("lung-ct", "3DCT_lung_followup_mask.mha"))
     fixed_pts = read_points(shared_data("lung-ct", "3DCT_lung_baseline.txt"), fixed.grid)
     moving_pts = read_points(shared_data("lung-ct", "3DCT_lung_followup.txt"), moving.grid)
     identity = np.linalg.norm(fixed_pts - moving_pts, axis=1).mean()
-    cfg = {"stages": [{"objective": [{"measure": "mse"}]}, {"objective": [{"measure": "mse"}]}]}
-    affine = register(fixed, moving, "affine", config=cfg)
-    tre_affine = landmark_tre(fixed_pts, moving_pts, affine.displacement).mean()
-    deform = register(fixed, moving, "affine+ffd", config={"stages": [*cfg["stages"], {"objective": [{"measure": "mse"}]}]})
-    tre_deform = landmark_tre(fixed_pts, moving_pts, deform.displacement).mean()
-    print(f"lung TRE mm: identity {identity:.2f}, affine {tre_affine:.2f}, affine+ffd {tre_deform:.2f}")
-    assert tre_affine < identity
-    assert tre_deform < tre_affine
+    res = register(fixed, moving, method)
+    affine = linear_displacement(res.transform.matrix().detach(), fixed)
+    tre_affine = landmark_tre(fixed_pts, moving_pts, affine).mean()
+    tre_deform = landmark_tre(fixed_pts, moving_pts, res.displacement).mean()
+    print(f"lung TRE mm ({method}): identity {identity:.2f}, affine {tre_affine:.2f}, deformable {tre_deform:.2f}")
+    assert tre_affine < 0.2 * identity
+    assert tre_deform < tre_affine - 0.1
 
 
 # ----------------------------------------------------------------------------- CLI contract
