@@ -15,7 +15,11 @@ centred on the origin. Labels are 4D ``(3, z, y, x)`` with channel 0 the gland (
 Status: not met. Rigid MR -> US registration with MI or NGF *lowers* the mean gland Dice (see the
 xfail reason), and no setting we found changes that on held-out cases: ``benchmarks/
 prostate_landscape.py`` scans translations within +-9.6 mm on all 27 pairs and reports the gland
-Dice at each measure's maximum. The mono-modal control below (MR against a shifted copy of itself,
+Dice at each measure's maximum. A likely reason: the images are not real scans. DeepReg's paired
+MR-US prostate demo, where these files come from, says "This is a demo without real clinical
+data due to regulatory restrictions. The MR and ultrasound images used are simulated dummy
+images" (demos/paired_mrus_prostate/README.md), and its author calls them "fake" / "blurred"
+images (DeepReg issues #414, #621); the labels carry the anatomy, the intensities need not. The mono-modal control below (MR against a shifted copy of itself,
 on the US grid) recovers the shift with MI, so warping and scoring are sound. The registrations
 run single-threaded and at pyramid factors 2 and 1 so the module takes well under a minute.
 """
