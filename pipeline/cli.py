@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="cohortreg-demo", help="folder for the cohort and the store")
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--resolution", type=float, default=3.0, help="mm (default 3)")
-    p.add_argument("--method", default=None, help="default: the demo's fast affine+svf settings")
+    p.add_argument("--method", default=None, help="default: affine (the demo cohort is mostly affine; see benchmarks/README.md)")
     p.add_argument("--no-progress", action="store_true")
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_demo)
