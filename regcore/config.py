@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import InputError
 
@@ -90,11 +90,13 @@ class PyramidConfig(_Strict):
 
     - ``factors``: downsampling factors relative to the fixed image (``[4, 2, 1]``: a quarter,
       half and full resolution, whatever the voxel size). The default, ``[4, 2, 1]``.
-    - ``spacing_mm``: target voxel sizes in mm (``[4, 2]``: levels at 4 mm and 2 mm). The factor
-      of a level is ``spacing_mm / finest fixed spacing``, never below 1, so the same setting
-      gives the same physical levels on a 1 mm brain, a 3 mm brain or a 1.4 x 1.4 x 2.5 mm CT.
-      Consecutive levels that come out equal (a 4 mm image with ``[4, 2]``) run as one level
-      with their iterations added up.
+    - ``spacing_mm``: target voxel sizes in mm (``[4, 2]``: levels at 4 mm and 2 mm). Each
+      image's factor is ``spacing_mm / its finest-axis spacing``, never below 1: the same
+      setting gives 4 and 2 mm levels on a 1 mm or a 2 mm brain, and the image's own resolution
+      where it is coarser than a level (a 3 mm image: 4 and 3 mm). Anisotropic images are
+      downsampled by one factor on all axes, set by their finest axis (a 1.4 x 1.4 x 2.5 mm CT:
+      about 4 x 4 x 7.3 mm at the 4 mm level). Consecutive levels that come out equal (a 4 mm
+      image with ``[4, 2]``) run as one level with their iterations added up.
 
     A config override that names either key replaces the other (see :func:`deep_merge`).
     """
@@ -137,24 +139,43 @@ class PyramidConfig(_Strict):
         """Number of levels as configured (before equal levels are merged)."""
         return len(self.iterations)
 
-    def level_factors(self, spacing: Sequence[float]) -> list[tuple[float, int]]:
-        """``[(factor, max_iterations)]`` per level for a fixed image of voxel size ``spacing`` (mm).
+    def level_factors(
+        self, spacing: Sequence[float], moving_spacing: Sequence[float] | None = None
+    ) -> list[tuple[float, float, int]]:
+        """``[(fixed factor, moving factor, max_iterations)]`` per level, for images of voxel size
+        ``spacing`` (fixed) and ``moving_spacing`` (mm; default: the fixed one).
 
-        With ``factors`` these are the configured pairs. With ``spacing_mm`` the factor is
-        ``max(1, spacing_mm / min(spacing))``; consecutive equal factors are merged into one level
-        whose iteration count is their sum.
+        With ``factors`` both images use the configured factor (relative levels). With
+        ``spacing_mm`` each image's factor is ``max(1, spacing_mm / its finest spacing)``, rounded
+        to 6 decimals (so that float noise in a header neither misses a precomputed level nor
+        splits a level); consecutive levels whose factors are both equal merge into one whose
+        iteration count is their sum.
         """
         if self.factors is not None:
-            return [(float(f), int(i)) for f, i in zip(self.factors, self.iterations)]
-        finest = min(float(s) for s in spacing)
-        out: list[tuple[float, int]] = []
+            return [(float(f), float(f), int(i)) for f, i in zip(self.factors, self.iterations)]
+
+        def factor(target: float, voxel: Sequence[float]) -> float:
+            return round(max(1.0, float(target) / min(float(v) for v in voxel)), 6)
+
+        moving_spacing = spacing if moving_spacing is None else moving_spacing
+        out: list[tuple[float, float, int]] = []
         for target, iters in zip(self.spacing_mm, self.iterations):
-            factor = max(1.0, float(target) / finest)
-            if out and abs(out[-1][0] - factor) < 1e-9:
-                out[-1] = (out[-1][0], out[-1][1] + int(iters))
+            level = (factor(target, spacing), factor(target, moving_spacing))
+            if out and out[-1][:2] == level:
+                out[-1] = (*level, out[-1][2] + int(iters))
             else:
-                out.append((factor, int(iters)))
+                out.append((*level, int(iters)))
         return out
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_spelling(self, handler: Any) -> dict:
+        # the spelling not in use is left out, so configs written before spacing_mm existed (and
+        # every config with factors) keep their canonical hash
+        data = handler(self)
+        for key in ("factors", "spacing_mm"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class StoppingConfig(_Strict):

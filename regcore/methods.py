@@ -77,7 +77,8 @@ PRESETS.update(
                                                regularizers=[{"name": "diffusion", "weight": 0.5}],
                                                smoothing={"update_sigma_mm": 2.0})]},
         # diffeomorphic demons: SSD, velocity updates smoothed (fluid) and the field smoothed
-        # (diffusion) after every step, as AirLab's demons regulariser
+        # (diffusion) after every step, as AirLab's demons regulariser; velocity on a grid at half
+        # the image resolution, levels at 4 and 2 mm (3 mm known field: error 1.66 -> 0.35 mm)
         "demons": {"name": "demons", "stages": [dict(_DEFORMABLE_STAGE, transform="svf",
                                                      objective=[{"measure": "mse"}],
                                                      transform_params={"control_factor": 2.0},

@@ -211,13 +211,14 @@ def register(
             else:
                 initialize_linear(linear, fixed, moving_orig, "geometry" if stage.init == "previous" else stage.init, fmask, mmask)
             _check_overlap(fixed, moving_orig, linear, fixed_name, moving_name)
-        for lvl, (factor, max_iter) in enumerate(stage.pyramid.level_factors(fixed.grid.spacing)):
+        level_factors = stage.pyramid.level_factors(fixed.grid.spacing, moving_orig.grid.spacing)
+        for lvl, (factor, moving_factor, max_iter) in enumerate(level_factors):
             record = LevelRecord(s, stage.transform, factor, ())
             args = (
                 _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev),
-                _level_image(moving_n, moving_levels, mwin, factor, stage, dev),
+                _level_image(moving_n, moving_levels, mwin, moving_factor, stage, dev),
                 downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
-                downsample(mmask, factor, stage.pyramid.min_size) if mmask is not None else None,
+                downsample(mmask, moving_factor, stage.pyramid.min_size) if mmask is not None else None,
             )
             if stage.deformable:
                 _deformable_level(record, stage, deformable, linear.matrix().detach(), objective, *args,

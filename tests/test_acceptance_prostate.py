@@ -85,7 +85,7 @@ def _gland_dice(fixed_gland: Image, moving_gland: Image, displacement: torch.Ten
 
 
 def _rigid(measure: str) -> dict:
-    # geometry init: both images fill the same box, and moments of MR vs US intensities mean nothing
+    # geometry init: both images are centred on the origin, and moments of MR vs US intensities mean nothing
     return {"stages": [{"objective": [{"measure": measure}], "init": "geometry",
                         "pyramid": {"factors": [2, 1], "iterations": [60, 30]}}]}
 

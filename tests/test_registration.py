@@ -162,18 +162,62 @@ def test_pyramid_levels_in_mm():
     from regcore.config import PyramidConfig
 
     mm = PyramidConfig(spacing_mm=[4, 2], iterations=[100, 40])
-    assert mm.level_factors((3.0, 3.0, 3.0)) == [(pytest.approx(4 / 3), 100), (1.0, 40)]
+    assert mm.level_factors((3.0, 3.0, 3.0)) == [(pytest.approx(4 / 3), pytest.approx(4 / 3), 100), (1.0, 1.0, 40)]
     # anisotropic CT: the finest axis sets the factor
     ct = mm.level_factors((1.366, 1.366, 2.5))
-    assert [f for f, _ in ct] == [pytest.approx(4 / 1.366), pytest.approx(2 / 1.366)]
+    assert [f for f, _, _ in ct] == [pytest.approx(4 / 1.366), pytest.approx(2 / 1.366)]
+    # each image gets its own factor: a 1 mm fixed and a 2 mm moving image both reach 4 and 2 mm
+    assert mm.level_factors((1.0, 1.0), (2.0, 2.0)) == [(4.0, 2.0, 100), (2.0, 1.0, 40)]
     # never finer than the image; equal levels merge and keep their iterations
-    assert mm.level_factors((5.0, 5.0)) == [(1.0, 140)]
-    assert PyramidConfig(factors=[4, 2], iterations=[3, 2]).level_factors((3.0, 3.0)) == [(4.0, 3), (2.0, 2)]
+    assert mm.level_factors((5.0, 5.0)) == [(1.0, 1.0, 140)]
+    # header float noise neither breaks the factor (precomputed levels are looked up by it) nor a merge
+    assert mm.level_factors((0.9999999, 1.0)) == [(4.0, 4.0, 100), (2.0, 2.0, 40)]
+    assert mm.level_factors((2.0000001, 2.0)) == [(2.0, 2.0, 100), (1.0, 1.0, 40)]
+    assert PyramidConfig(spacing_mm=[2, 1.9999999], iterations=[1, 2]).level_factors((3.0,)) == [(1.0, 1.0, 3)]
+    # relative factors apply to both images as given
+    assert PyramidConfig(factors=[4, 2], iterations=[3, 2]).level_factors((3.0, 3.0), (1.0, 1.0)) == [(4.0, 4.0, 3), (2.0, 2.0, 2)]
     assert PyramidConfig().factors == [4.0, 2.0, 1.0]
     with pytest.raises(ValueError, match="not both"):
         PyramidConfig(factors=[2, 1], spacing_mm=[4, 2], iterations=[1, 1])
     with pytest.raises(ValueError, match="spacing_mm but"):
         PyramidConfig(spacing_mm=[4, 2], iterations=[1])
+
+
+def test_mm_levels_downsample_each_image_by_its_own_factor():
+    """A 1 mm fixed and a 2 mm moving image with levels at 4 and 2 mm: the moving image's levels
+    are its factors 2 and 1 (4 and 2 mm), not the fixed image's 4 and 2 (8 and 4 mm). Shown through
+    precomputed moving levels: a corrupted factor-2 level changes the result, a corrupted
+    factor-4 level (8 mm, which no level needs) does not."""
+    data = torch.from_numpy(blobs((32, 32))).float()
+    fixed = Image(data, Grid((32, 32), (1.0, 1.0)))
+    moving_grid = Grid((16, 16), (2.0, 2.0), (0.5, 0.5))
+    moving = Image(torch.nn.functional.avg_pool2d(data[None, None], 2)[0, 0], moving_grid)
+    cfg = {"stages": [{"pyramid": {"spacing_mm": [4, 2], "iterations": [5, 3]}}]}
+
+    def corrupted(factor: float) -> dict:
+        grid = moving_grid.downsample(factor, min_size=8)
+        return {factor: Image(torch.rand(grid.shape, generator=torch.Generator().manual_seed(0)), grid)}
+
+    plain = register(fixed, moving, "svf", config=cfg).displacement.data
+    assert [lv.factor for lv in register(fixed, moving, "svf", config=cfg).levels] == [4.0, 2.0]  # fixed's
+    at2 = register(fixed, moving, "svf", config=cfg, moving_levels=corrupted(2.0)).displacement.data
+    at4 = register(fixed, moving, "svf", config=cfg, moving_levels=corrupted(4.0)).displacement.data
+    assert float((plain - at2).abs().max()) > 1e-3
+    assert torch.equal(plain, at4)
+
+
+def test_config_hash_of_factor_pyramids_is_unchanged():
+    """The dump leaves out the pyramid spelling not in use: configs that give factors hash as they
+    did before spacing_mm existed (stores keep skipping their complete pairs), and the dump
+    validates back to the same config."""
+    from regcore.config import validate_config
+
+    rigid = method_config("rigid")
+    assert "spacing_mm" not in rigid.model_dump()["stages"][0]["pyramid"]
+    assert config_hash(rigid) == "dbf3d675589f489d"  # as computed at 24ee06f, before spacing_mm
+    svf = method_config("svf")
+    assert "factors" not in svf.model_dump()["stages"][0]["pyramid"]
+    assert config_hash(validate_config(svf.model_dump(mode="json"))) == config_hash(svf)
 
 
 def test_pyramid_override_replaces_the_other_spelling():
