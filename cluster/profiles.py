@@ -134,7 +134,8 @@ def _local_gpu(s: dict[str, Any]):
         return SpecCluster(workers=workers, scheduler=scheduler)
 
 
-def _slurm(s: dict[str, Any]):
+def _slurm(s: dict[str, Any], scale: bool = True):
+    """A ``SLURMCluster`` from the profile's settings; ``scale`` submits ``jobs`` jobs (sbatch)."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as exc:
@@ -142,7 +143,8 @@ def _slurm(s: dict[str, Any]):
     keys = ("cores", "memory", "walltime", "queue", "account", "job_extra_directives", "worker_extra_args",
             "processes", "local_directory", "job_script_prologue")
     cluster = SLURMCluster(**{k: s[k] for k in keys if k in s})
-    cluster.scale(jobs=int(s.get("jobs", 1)))
+    if scale:
+        cluster.scale(jobs=int(s.get("jobs", 1)))
     return cluster
 
 

@@ -210,6 +210,29 @@ def test_cluster_profiles(tmp_path):
         profile_settings("nope")
 
 
+def test_slurm_profile_job_script():
+    """The slurm profile's job script (dask-jobqueue renders it; nothing is submitted): one job per
+    GPU, and exactly one worker in it, owning that GPU (GPU=1) with all the job's cores. With
+    dask-jobqueue's default the 8 cores became 4 workers, each claiming GPU=1 on the one GPU."""
+    pytest.importorskip("dask_jobqueue")
+    from cluster.profiles import _slurm, profile_settings
+
+    cluster = _slurm(profile_settings("slurm"), scale=False)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --gres=gpu:1" in directives and "#SBATCH -t 04:00:00" in directives
+    assert "#SBATCH --cpus-per-task=8" in directives
+    command = script.strip().splitlines()[-1].split()
+    workers = command[command.index("--nworkers") + 1] if "--nworkers" in command else "1"  # 1 is the default
+    assert workers == "1"
+    assert command[command.index("--nthreads") + 1] == "8"
+    assert command[command.index("--resources") + 1] == "GPU=1"
+    assert "--lifetime" in command
+
+
 def test_local_gpu_profile_gives_each_worker_its_own_device(monkeypatch):
     """The local-gpu layout (one worker per GPU, CUDA_VISIBLE_DEVICES each, GPU=1), shown on CPU."""
     from cluster.profiles import start_cluster
