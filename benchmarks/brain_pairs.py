@@ -20,14 +20,13 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from regcore import Grid, Image, read_image, register
+from regcore import Image, read_image, register
 from regcore.evaluation import mean_dice
 from regcore.registration import linear_displacement
 from regcore.sampling import sample_world
-from regcore.synthetic import intensity_from_labels
+from regcore.synthetic import crop_to_labels, intensity_from_labels
 
 SHARED = Path(os.environ.get("COHORTREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)]
@@ -36,16 +35,7 @@ PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)]
 def load_labels(subject: int, factor: float) -> Image:
     """Label map cropped to the head (4-voxel margin), resampled by nearest neighbour at ``factor``."""
     lab = read_image(SHARED / "brain-labelmaps" / f"subject{subject:02d}_seg.nii.gz", dtype=None)
-    a = lab.data[0].round().to(torch.int64)
-    nz = torch.nonzero(a > 0)
-    lo, hi = (nz.min(0).values - 4).clamp_min(0), nz.max(0).values + 5
-    crop = a[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].clone()
-    origin = lab.grid.index_points_to_world(np.array([lo[2], lo[1], lo[0]], dtype=float))
-    grid = Grid(tuple(reversed(crop.shape)), lab.grid.spacing, origin, lab.grid.direction)
-    if factor == 1:
-        return Image(crop, grid)
-    coarse = grid.downsample(factor)
-    return Image(sample_world(Image(crop, grid), coarse.world_points(dtype=torch.float64), mode="nearest"), coarse)
+    return crop_to_labels(lab, margin=4, factor=factor)
 
 
 def main() -> None:

@@ -26,22 +26,16 @@ SHARED = Path(os.environ.get("COHORTREG_SHARED_DATA", ROOT.parent / "shared" / "
 
 
 def _pair(case: str, device: str):
-    import numpy as np
     import torch
 
     from regcore import Grid, Image, read_image
     from regcore.sampling import sample_world
-    from regcore.synthetic import intensity_from_labels
+    from regcore.synthetic import crop_to_labels, intensity_from_labels
 
     if case == "brain":
         def load(i):
             lab = read_image(SHARED / "brain-labelmaps" / f"subject{i:02d}_seg.nii.gz", dtype=None)
-            a = lab.data[0].round().to(torch.int64)
-            nz = torch.nonzero(a > 0)
-            lo, hi = (nz.min(0).values - 2).clamp_min(0), nz.max(0).values + 3
-            crop = a[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].clone()
-            origin = lab.grid.index_points_to_world(np.array([lo[2], lo[1], lo[0]], dtype=float))
-            return Image(crop, Grid(tuple(reversed(crop.shape)), lab.grid.spacing, origin, lab.grid.direction))
+            return crop_to_labels(lab, margin=2)
         fl, ml = load(1), load(2)
         return intensity_from_labels(fl, 0, 1).to(device), intensity_from_labels(ml, 0, 2).to(device)
     shape = {"2d": (256, 256), "3d96": (96, 96, 96)}[case]

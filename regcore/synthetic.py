@@ -10,12 +10,37 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from .grid import Grid
 from .image import Image
 from .pyramid import gaussian_smooth
+from .sampling import sample_world
 
-__all__ = ["intensity_from_labels"]
+__all__ = ["crop_to_labels", "intensity_from_labels"]
+
+
+def crop_to_labels(labels: Image, margin: int = 4, factor: float = 1.0) -> Image:
+    """A label map cropped to the bounding box of its foreground (label > 0) plus ``margin``
+    voxels, then resampled by nearest neighbour onto that box's grid downsampled by ``factor``.
+
+    World positions are kept: the crop's origin is the world position of its first voxel, with the
+    input's spacing and direction. Returns int64 labels ``(1, *shape)``.
+    """
+    a = labels.data[0].round().to(torch.int64)
+    nz = torch.nonzero(a > 0)
+    if nz.numel() == 0:
+        raise ValueError("crop_to_labels: the label map has no foreground voxel")
+    lo = (nz.min(0).values - margin).clamp_min(0)
+    hi = nz.max(0).values + margin + 1
+    crop = a[tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))].clone()
+    origin = labels.grid.index_points_to_world(np.array(lo.tolist()[::-1], dtype=float))
+    grid = Grid(tuple(reversed(crop.shape)), labels.grid.spacing, origin, labels.grid.direction)
+    if factor == 1:
+        return Image(crop, grid)
+    coarse = grid.downsample(factor)
+    return Image(sample_world(Image(crop, grid), coarse.world_points(dtype=torch.float64), mode="nearest"), coarse)
 
 
 def intensity_from_labels(

@@ -31,6 +31,17 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module with one torch intra-op thread and restore the setting afterwards. For modules
+    of tiny tensors or small volumes, where intra-op threads only add overhead (and stall when the
+    CPU is shared). Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def blobs(shape: tuple[int, ...], n: int = 12, seed: int = 0, sigma: float = 0.12) -> np.ndarray:
     """A smooth random image (sum of Gaussian blobs), values in about [0, 1], tensor order."""
     rng = np.random.default_rng(seed)

@@ -42,13 +42,7 @@ CASES = [("test", "case000025"), ("test", "case000026"), ("train", "case000000")
 SPACING_MM = 1.6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small volumes: intra-op threads add little and stall badly on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _load(split: str, case: str, side: str, spacing: float | None = SPACING_MM) -> tuple[Image, Image]:

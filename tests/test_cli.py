@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from regcore.cli import main
 from regcore.io import write_image

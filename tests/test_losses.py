@@ -32,14 +32,7 @@ from regcore.losses import (
 SHAPES = {2: (24, 20), 3: (10, 12, 14)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (and stall when the CPU is
-    shared), so run this module single-threaded and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def smooth_image(shape, seed=0, sigma=1.5, dtype=torch.float64, batch=1):

@@ -12,7 +12,7 @@ from regcore.config import config_hash
 from regcore.io import image_from_sitk, image_to_sitk
 from regcore.export import matrix_to_sitk
 
-from conftest import blobs, make_image, rotation_direction
+from conftest import blobs, make_image
 
 FAST = {"pyramid": {"factors": [2, 1], "iterations": [30, 20]}}
 

@@ -38,13 +38,7 @@ SPACING = {2: (0.7, 1.3), 3: (0.8, 1.1, 1.6)}
 ORIGIN = {2: (-12.0, 5.0), 3: (3.0, -7.0, 20.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead, so run single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_grid(shape, spacing, direction=None, origin=None) -> Grid:

@@ -107,3 +107,26 @@ def test_point_warping_by_transform_and_field():
     # resampling the field in mm onto another grid keeps the same world mapping
     other = grid.downsample(2)
     torch.testing.assert_close(warp_points_field(pts, resample_displacement(field, other)), by_tx, atol=1e-3, rtol=0)
+
+
+def test_crop_to_labels_keeps_world_positions():
+    """The cropped label map is the original sampled at the crop's world points (non-identity
+    direction, anisotropic spacing); the box is the foreground's plus the margin; a factor
+    resamples the same box; an empty map is an error."""
+    from regcore.synthetic import crop_to_labels
+
+    a = torch.zeros(20, 18, 16, dtype=torch.int64)  # (z, y, x)
+    a[5:9, 4:12, 6:10] = 2
+    a[10, 7, 3] = 5
+    grid = Grid((16, 18, 20), (0.8, 1.1, 2.0), (10.0, -4.0, 7.0), rotation_direction(3))
+    labels = Image(a, grid)
+    crop = crop_to_labels(labels, margin=2)
+    assert crop.data.shape[1:] == (6 + 4, 8 + 4, 7 + 4)  # z 5..10, y 4..11, x 3..9, plus 2 each side
+    back = sample_world(labels, crop.grid.world_points(dtype=torch.float64), mode="nearest")
+    assert torch.equal(back.to(torch.int64), crop.data)
+    assert int((crop.data == 2).sum()) == 4 * 8 * 4 and int((crop.data == 5).sum()) == 1
+    half = crop_to_labels(labels, margin=2, factor=2)
+    assert half.grid == crop.grid.downsample(2)
+    assert torch.equal(half.data, sample_world(labels, half.grid.world_points(dtype=torch.float64), mode="nearest").to(torch.int64))
+    with pytest.raises(ValueError, match="no foreground"):
+        crop_to_labels(Image(torch.zeros(4, 4, 4, dtype=torch.int64), Grid((4, 4, 4))))
