@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -202,7 +203,8 @@ def ingest(subjects: Sequence[Subject], store: str | Path, client: Any = None, f
     if client is None:
         results = [ingest_subject(s, store, force) for s in subjects]
     else:
+        token = uuid.uuid4().hex[:8]  # a fresh key per call: the scheduler may still hold the last call's results
         futures = client.map(ingest_subject, list(subjects), store=str(store), force=force, pure=False,
-                             key=[f"ingest-{k}" for k in keys])
+                             key=[f"ingest-{k}-{token}" for k in keys])
         results = client.gather(futures)
     return IngestReport(list(results))

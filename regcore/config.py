@@ -31,13 +31,16 @@ __all__ = [
     "validate_config",
 ]
 
-MEASURES = ("mse", "ncc", "lncc", "ssim", "mi", "nmi", "ngf")
+MEASURES = ("mse", "ncc", "lncc", "lcc", "ssim", "mi", "nmi", "ngf")
 LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
-DEFORMABLE_KINDS = ("dense", "ffd", "wendland", "svf")
+DEFORMABLE_KINDS = ("dense", "ffd", "wendland", "svf", "syn")
 REGULARIZERS = ("diffusion", "tv", "tv_aniso", "l1", "bending", "jacobian")
 #: Keys that give one setting in different ways: an override naming one drops the others.
 ALTERNATIVE_KEYS = (("factors", "spacing_mm"),)
-OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs", "rmsprop", "adagrad")
+#: torch optimisers; ``rsgd``: regular-step gradient descent (:mod:`regcore.step_descent`, ITK's);
+#: ``greedy``: the normalised compositive steps of the ``syn`` transform (:mod:`regcore.greedy`),
+#: ``lr`` being the largest step in voxels.
+OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs", "rmsprop", "adagrad", "rsgd", "greedy")
 
 
 class _Strict(BaseModel):
@@ -61,11 +64,28 @@ class RegularizerConfig(_Strict):
 
 
 class SmoothingConfig(_Strict):
-    """Demons-style Gaussian smoothing (standard deviations in mm) of each update (the gradient,
-    fluid-like) and of the field after each step (diffusion-like), as AirLab's demons regulariser."""
+    """Demons-style Gaussian smoothing of each update (the gradient, fluid-like) and of the field
+    after each step (diffusion-like), as AirLab's demons regulariser.
+
+    ``*_mm``: standard deviations in mm (``dense``/``svf`` stages). ``*_vox``: in voxels of the
+    pyramid level (the ``syn`` transform's greedy optimiser, as ANTs and greedy give them): the
+    same relative smoothing at every level and resolution.
+    """
 
     update_sigma_mm: float = Field(0.0, ge=0)
     field_sigma_mm: float = Field(0.0, ge=0)
+    update_sigma_vox: float = Field(0.0, ge=0)
+    field_sigma_vox: float = Field(0.0, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_voxel_sigmas(self, handler: Any) -> dict:
+        # the voxel sigmas are left out while zero, so configs written before they existed keep
+        # their canonical hash
+        data = handler(self)
+        for key in ("update_sigma_vox", "field_sigma_vox"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
 
 
 class OptimizerConfig(_Strict):
@@ -226,6 +246,13 @@ class StageConfig(_Strict):
     def _deformable_only(self) -> "StageConfig":
         if not self.deformable and (self.regularizers or self.smoothing is not None):
             raise ValueError(f"regularizers and smoothing apply to deformable stages, not to {self.transform!r}")
+        greedy = self.optimizer.name == "greedy"
+        if (self.transform == "syn") != greedy:
+            raise ValueError("the 'syn' transform is fitted by the 'greedy' optimizer, and 'greedy' fits only 'syn' "
+                             f"(got transform {self.transform!r} with optimizer {self.optimizer.name!r})")
+        if greedy and self.regularizers:
+            raise ValueError("a 'syn' stage is regularised by its smoothing (update_sigma_vox, field_sigma_vox), "
+                             "not by regularizers")
         return self
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .image import Image
-from .sampling import inside_mask, linear_theta, sample_normalized, stratified_indices
+from .sampling import inside_mask, inside_weight, linear_theta, sample_normalized, stratified_indices
 
 __all__ = ["LinearLevel", "DeformableLevel", "POINTWISE_MEASURES"]
 
@@ -16,8 +16,8 @@ __all__ = ["LinearLevel", "DeformableLevel", "POINTWISE_MEASURES"]
 POINTWISE_MEASURES = frozenset({"mse", "ncc", "mi", "nmi"})
 
 
-def _masked(moving_mask: Image | None, fixed_mask: torch.Tensor | None, coords: torch.Tensor, shape) -> torch.Tensor:
-    mask = inside_mask(coords).reshape(shape)
+def _masked(overlap: torch.Tensor, moving_mask: Image | None, fixed_mask: torch.Tensor | None, coords: torch.Tensor, shape) -> torch.Tensor:
+    mask = overlap.reshape(shape)
     if moving_mask is not None:
         mask = mask * sample_normalized(moving_mask.data, coords.detach()).reshape(shape)
     if fixed_mask is not None:
@@ -29,12 +29,15 @@ class LinearLevel:
     """Warping by a linear map ``fixed world -> moving world``.
 
     With ``max_voxels`` set and a larger fixed image, only a seeded stratified subset of fixed
-    voxels is used (for pointwise measures); tensors are then ``(1, 1, [1,] M)``.
+    voxels is used (for pointwise measures); tensors are then ``(1, 1, [1,] M)``. The moving image
+    is border-replicated outside its box; with ``overlap_only`` the mask (a ramp half a voxel wide
+    at the moving image's border) keeps only the fixed points that map inside it.
     """
 
     def __init__(self, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
-                 mode: str, max_voxels: int | None, seed: int) -> None:
+                 mode: str, max_voxels: int | None, seed: int, overlap_only: bool = True) -> None:
         self.grid, self.moving, self.moving_mask, self.mode = fixed.grid, moving, moving_mask, mode
+        self.overlap_only = overlap_only
         d = fixed.ndim
         if max_voxels is not None and fixed.grid.numel > max_voxels:
             idx = stratified_indices(fixed.grid.numel, max_voxels, seed, fixed.device)
@@ -63,8 +66,10 @@ class LinearLevel:
         else:
             coords = (self.points @ theta[:, :d].T + theta[:, d]).to(self.fixed.dtype)
         shape = self.fixed.shape
-        warped = sample_normalized(self.moving.data, coords, self.mode).reshape(shape)
-        return self.fixed, warped, _masked(self.moving_mask, self.fixed_mask, coords, shape)
+        warped = sample_normalized(self.moving.data, coords, self.mode, padding="border").reshape(shape)
+        # a ramp at the moving image's border keeps the overlap continuous in the transform
+        overlap = inside_weight(coords, self.moving.grid.size) if self.overlap_only else torch.ones_like(coords[..., 0])
+        return self.fixed, warped, _masked(overlap, self.moving_mask, self.fixed_mask, coords, shape)
 
 
 class DeformableLevel:
@@ -88,4 +93,4 @@ class DeformableLevel:
         coords = pts @ self.chain[:d, :d].T + self.chain[:d, d]
         shape = self.fixed.shape
         warped = sample_normalized(self.moving.data, coords, self.mode).reshape(shape)
-        return self.fixed, warped, _masked(self.moving_mask, self.fixed_mask, coords, shape)
+        return self.fixed, warped, _masked(inside_mask(coords), self.moving_mask, self.fixed_mask, coords, shape)

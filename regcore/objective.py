@@ -12,6 +12,7 @@ from .errors import InputError
 from .grid import Grid
 from .losses import build_loss
 from .regularizers import build_regularizer
+from .step_descent import RegularStepGradientDescent
 
 __all__ = ["Objective", "build_optimizer", "OPTIMIZERS"]
 
@@ -22,6 +23,7 @@ OPTIMIZERS = {
     "lbfgs": torch.optim.LBFGS,
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
+    "rsgd": RegularStepGradientDescent,
 }
 
 
@@ -40,6 +42,14 @@ class Objective(nn.Module):
         self.reg_names = [n for n, _, _ in regularizers]
         self.reg_weights = [float(w) for _, w, _ in regularizers]
         self.regularizers = nn.ModuleList([m for _, _, m in regularizers])
+
+    @property
+    def overlap_only(self) -> bool:
+        """True when a similarity term is averaged over the overlap only (see
+        :attr:`regcore.losses.modules.SimilarityLoss.overlap_only`): the level then masks out the
+        fixed points that map outside the moving image; else every fixed point counts, the moving
+        image border-replicated outside its box."""
+        return any(getattr(term, "overlap_only", True) for term in self.terms)
 
     @property
     def has_regularizers(self) -> bool:

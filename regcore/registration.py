@@ -18,6 +18,7 @@ import torch
 
 from .config import MethodConfig, StageConfig, config_hash
 from .errors import InputError
+from .greedy import optimize_symmetric_level
 from .grid import Grid
 from .image import Image
 from .intensity import apply_window, intensity_window
@@ -33,6 +34,7 @@ from .transforms.deformable import DeformableTransform, DenseDisplacement, defor
 from .transforms.init import initialize_linear
 from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform, Translation
 from .transforms.svf import StationaryVelocityField
+from .transforms.syn import SymmetricDiffeomorphism
 
 __all__ = ["register", "RegistrationResult", "LevelRecord", "check_pair", "linear_displacement"]
 
@@ -188,13 +190,12 @@ def register(
     mmask = _check_mask(moving_mask.to(dev) if moving_mask is not None else None, moving_orig, "moving mask")
 
     levels: list[LevelRecord] = []
+    cache: dict = {}  # normalised images and pyramid levels, shared by the stages
     linear: LinearTransform | None = None
     deformable: DeformableTransform | None = None
     for s, stage in enumerate(cfg.stages):
-        fwin = intensity_window(fixed.data, stage.normalize)
-        mwin = intensity_window(moving_orig.data, stage.normalize)
-        fixed_n = fixed.with_data(apply_window(fixed.data, fwin, stage.normalize))
-        moving_n = moving_orig.with_data(apply_window(moving_orig.data, mwin, stage.normalize))
+        fwin, fixed_n = _normalized(cache, "fixed", fixed, stage.normalize)
+        mwin, moving_n = _normalized(cache, "moving", moving_orig, stage.normalize)
         objective = Objective.from_config(stage, cfg.seed).to(dev)
         if stage.deformable:
             if linear is None:  # a deformable first stage: centre the images with a translation
@@ -215,8 +216,10 @@ def register(
         for lvl, (factor, moving_factor, max_iter) in enumerate(level_factors):
             record = LevelRecord(s, stage.transform, factor, ())
             args = (
-                _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev),
-                _level_image(moving_n, moving_levels, mwin, moving_factor, stage, dev),
+                _cached(cache, ("fixed", stage.normalize, factor, stage.pyramid.min_size),
+                        lambda: _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev)),
+                _cached(cache, ("moving", stage.normalize, moving_factor, stage.pyramid.min_size),
+                        lambda: _level_image(moving_n, moving_levels, mwin, moving_factor, stage, dev)),
                 downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
                 downsample(mmask, moving_factor, stage.pyramid.min_size) if mmask is not None else None,
             )
@@ -251,6 +254,22 @@ def register(
         seconds=time.perf_counter() - t0,
         device=str(dev),
     )
+
+
+def _cached(cache: dict, key: tuple, make: Callable[[], Image]) -> Image:
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _normalized(cache: dict, which: str, image: Image, mode: str):
+    """``(intensity window, normalised image)`` of ``image`` for a stage's ``normalize`` mode,
+    computed once per registration."""
+    key = (which, mode, "window")
+    if key not in cache:
+        window = intensity_window(image.data, mode)
+        cache[key] = (window, image.with_data(apply_window(image.data, window, mode)))
+    return cache[key]
 
 
 def _level_image(normalized: Image, levels: Mapping[float, Image] | None, window, factor: float,
@@ -304,12 +323,28 @@ def velocity_grid(grid: Grid, spacing_mm: float, min_size: int = 4) -> Grid:
 
 
 def linear_displacement(matrix: torch.Tensor, fixed: Image) -> Image:
-    """``u(x) = M x - x`` (mm) at every fixed voxel, as a ``D``-channel image on the fixed grid."""
-    pts = fixed.grid.world_points(device=matrix.device, dtype=torch.float64)
+    """``u(x) = M x - x`` (mm) at every fixed voxel, as a ``D``-channel image on the fixed grid.
+
+    ``u`` is affine in the voxel index: ``u = (M - I)(origin + R S i) + t``; it is assembled from
+    per-axis terms in float64 (no per-voxel world coordinates), then stored as float32.
+    """
     d = fixed.ndim
-    mapped = pts @ matrix[:d, :d].T + matrix[:d, d]
-    u = torch.movedim(mapped - pts, -1, 0).to(torch.float32)
-    return Image(u, fixed.grid)
+    m = matrix.detach().to(torch.float64).cpu().numpy()
+    lin = m[:d, :d] - np.eye(d)
+    index_to_world = fixed.grid.index_to_world()
+    per_index = lin @ index_to_world[:d, :d]  # mm of u per voxel step along each index axis
+    offset = lin @ index_to_world[:d, d] + m[:d, d]
+    dev = matrix.device
+    out = torch.empty((d, *fixed.grid.shape), dtype=torch.float32, device=dev)
+    for c in range(d):
+        total = torch.full((), float(offset[c]), dtype=torch.float64, device=dev)
+        for axis in range(d):  # ITK axis k is tensor dim d - 1 - k
+            view = [1] * d
+            view[d - 1 - axis] = fixed.grid.size[axis]
+            ramp = torch.arange(fixed.grid.size[axis], dtype=torch.float64, device=dev) * float(per_index[c, axis])
+            total = total + ramp.reshape(view)
+        out[c] = total
+    return Image(out, fixed.grid)
 
 
 def _check_overlap(fixed: Image, moving: Image, transform: LinearTransform, fixed_name: str, moving_name: str) -> None:
@@ -333,7 +368,7 @@ def _linear_level(
     record.size = fixed.grid.size
     pointwise = all(term.measure in POINTWISE_MEASURES for term in stage.objective)
     data = LinearLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation,
-                       stage.max_voxels if pointwise else None, seed + level)
+                       stage.max_voxels if pointwise else None, seed + level, objective.overlap_only)
     record.voxels = data.voxels
 
     def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
@@ -367,6 +402,10 @@ def _deformable_level(
     objective: Objective, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
     max_iter: int, level: int, callback: Callback | None,
 ) -> None:
+    if isinstance(transform, SymmetricDiffeomorphism):
+        optimize_symmetric_level(record, stage, transform, objective, fixed, moving, fixed_mask, moving_mask,
+                                 matrix, max_iter, level, callback)
+        return
     record.size = fixed.grid.size
     grid = fixed.grid
     transform.set_level(grid)

@@ -7,7 +7,7 @@ else in regcore calls :func:`torch.nn.functional.grid_sample`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ __all__ = [
     "sample_normalized",
     "sample_world",
     "inside_mask",
+    "inside_weight",
     "linear_theta",
     "warp_linear",
     "warp_points_field",
@@ -74,7 +75,31 @@ def sample_world(
 
 def inside_mask(coords: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
     """1 where normalised coords ``(*out, D)`` fall inside the sampled image, else 0: ``(*out,)``."""
-    return (coords.detach().abs() <= 1 + tol).all(dim=-1).to(coords.dtype if coords.is_floating_point() else torch.float32)
+    c = coords.detach()
+    inside = c[..., 0].abs() <= 1 + tol
+    for k in range(1, c.shape[-1]):
+        inside &= c[..., k].abs() <= 1 + tol
+    return inside.to(coords.dtype if coords.is_floating_point() else torch.float32)
+
+
+def inside_weight(coords: torch.Tensor, size: Sequence[int], ramp_vox: float = 0.5) -> torch.Tensor:
+    """Like :func:`inside_mask`, but falling linearly from 1 to 0 over the last ``ramp_vox`` voxels
+    inside the sampled image's border (``size`` its grid size, ITK order): ``(*out,)``.
+
+    A hard mask jumps when the fixed grid is parallel to the moving image's border (same scanner,
+    same field of view): a whole plane of voxels enters or leaves the overlap for a shift of a
+    fraction of a micron, and the similarity jumps with it. The ramp makes the overlap, and so the
+    similarity, continuous in the transform. Like the hard mask, the weight is not differentiated
+    (detached): following the overlap's change would reward transforms for the size of the
+    overlap with some measures (NGF), as ITK's metrics also ignore it.
+    """
+    c = coords.detach()
+    half = torch.as_tensor([max(n - 1, 1) / (2.0 * ramp_vox) for n in size], dtype=c.dtype, device=c.device)
+    w = ((1.0 - c.abs()) * half + 1e-4).clamp(0.0, 1.0)
+    out = w[..., 0]
+    for k in range(1, w.shape[-1]):
+        out = out * w[..., k]
+    return out.to(coords.dtype if coords.is_floating_point() else torch.float32)
 
 
 def linear_theta(fixed: Grid, moving: Grid, world_matrix: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def jacobian_det(u: torch.Tensor, grid: Grid) -> np.ndarray:
 # registry and the common API
 # ------------------------------------------------------------------------------------------------
 def test_registry():
-    assert set(DEFORMABLE_TRANSFORMS) == {"dense", "ffd", "wendland", "svf"}
+    assert set(DEFORMABLE_TRANSFORMS) == {"dense", "ffd", "wendland", "svf", "syn"}
     assert DEFORMABLE_TRANSFORMS["ffd"] is BSplineTransform
     assert deformable_transform_class("wendland") is WendlandTransform
     assert deformable_transform_class("svf") is StationaryVelocityField

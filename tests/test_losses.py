@@ -547,7 +547,7 @@ def test_modules_match_functionals():
 
 
 def test_build_loss():
-    assert set(LOSSES) == {"mse", "ncc", "lncc", "ssim", "mi", "nmi", "ngf"}
+    assert set(LOSSES) == {"mse", "ncc", "lncc", "lcc", "ssim", "mi", "nmi", "ngf"}
     loss = build_loss("lncc", window=5)
     assert isinstance(loss, LNCCLoss) and loss.kwargs["window"] == 5
     assert isinstance(build_loss("MI"), MILoss)

@@ -12,9 +12,11 @@ from regcore.losses.functional import (
     spatial_gradient,
     ssim,
 )
+from regcore.losses.local_cc import local_cc, local_cc_gradients, window_sum
 from regcore.losses.modules import (
     LOSSES,
     LNCCLoss,
+    LocalCCLoss,
     MILoss,
     MSELoss,
     NCCLoss,
@@ -32,6 +34,9 @@ __all__ = [
     "mse",
     "ncc",
     "lncc",
+    "local_cc",
+    "local_cc_gradients",
+    "window_sum",
     "ssim",
     "mutual_information",
     "normalized_mutual_information",
@@ -40,6 +45,7 @@ __all__ = [
     "MSELoss",
     "NCCLoss",
     "LNCCLoss",
+    "LocalCCLoss",
     "SSIMLoss",
     "MILoss",
     "NMILoss",

@@ -15,12 +15,14 @@ from torch import Tensor, nn
 
 from regcore.errors import InputError
 from regcore.losses import functional as L
+from regcore.losses.local_cc import local_cc
 
 __all__ = [
     "SimilarityLoss",
     "MSELoss",
     "NCCLoss",
     "LNCCLoss",
+    "LocalCCLoss",
     "SSIMLoss",
     "MILoss",
     "NMILoss",
@@ -34,9 +36,16 @@ class SimilarityLoss(nn.Module):
     """Base class: stores functional keyword arguments and maps the measure to a loss.
 
     Subclasses set ``measure`` (the functional) and implement :meth:`to_loss`.
+
+    ``overlap_only``: the measure is averaged over the fixed points that map inside the moving
+    image (the registration masks the others out). A measure for which points outside contribute
+    a constant (``lcc``: a window of border-replicated values is flat and scores 0) sets it False
+    and is averaged over the whole fixed domain: then the overlap's changes do not move the value
+    in ways its gradient cannot see.
     """
 
     measure: Callable[..., Tensor]
+    overlap_only: bool = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
@@ -103,6 +112,20 @@ class LNCCLoss(SimilarityLoss):
         eps: float = 1e-5,
     ) -> None:
         super().__init__(window=window, kernel=kernel, sigma=sigma, eps=eps)
+
+    def to_loss(self, value: Tensor) -> Tensor:
+        return 1 - value
+
+
+class LocalCCLoss(SimilarityLoss):
+    """``1 - cc`` in ``[0, 1]``: ANTs' local squared correlation with analytic gradients; see
+    :mod:`regcore.losses.local_cc`. ``radius`` is the window half-size in voxels."""
+
+    measure = staticmethod(local_cc)
+    overlap_only = False
+
+    def __init__(self, radius: int = 2, eps: float = 1e-5, exact: bool = True) -> None:
+        super().__init__(radius=radius, eps=eps, exact=exact)
 
     def to_loss(self, value: Tensor) -> Tensor:
         return 1 - value
@@ -197,6 +220,7 @@ LOSSES: dict[str, type[SimilarityLoss]] = {
     "mse": MSELoss,
     "ncc": NCCLoss,
     "lncc": LNCCLoss,
+    "lcc": LocalCCLoss,
     "ssim": SSIMLoss,
     "mi": MILoss,
     "nmi": NMILoss,

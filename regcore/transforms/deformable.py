@@ -459,6 +459,7 @@ class DenseDisplacement(DeformableTransform):
 def _registry() -> dict[str, type[DeformableTransform]]:
     from .bspline import BSplineTransform
     from .svf import StationaryVelocityField
+    from .syn import SymmetricDiffeomorphism
     from .wendland import WendlandTransform
 
     return {
@@ -466,6 +467,7 @@ def _registry() -> dict[str, type[DeformableTransform]]:
         "ffd": BSplineTransform,
         "wendland": WendlandTransform,
         "svf": StationaryVelocityField,
+        "syn": SymmetricDiffeomorphism,
     }
 
 

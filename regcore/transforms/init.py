@@ -33,8 +33,15 @@ def center_of_mass(image: Image, mask: Image | None = None) -> np.ndarray:
     total = w.sum()
     if not total > 0:
         raise InputError("centre of mass is undefined for a constant (or fully masked) image")
-    pts = image.grid.world_points(device=w.device, dtype=torch.float64)
-    return ((pts * w[..., None]).sum(dim=tuple(range(image.ndim))) / total).cpu().numpy()
+    # the centroid's continuous index from the weight's marginal along each axis (no per-voxel
+    # world coordinates), then mapped to world mm
+    nd = image.ndim
+    index = []
+    for axis in range(nd):  # ITK axis k is tensor dim nd - 1 - k
+        dim = nd - 1 - axis
+        marginal = w.sum(dim=tuple(d for d in range(nd) if d != dim))
+        index.append(float((marginal * torch.arange(marginal.numel(), dtype=w.dtype, device=w.device)).sum() / total))
+    return np.asarray(image.grid.index_points_to_world(np.asarray(index)), dtype=np.float64)
 
 
 def initialize_linear(

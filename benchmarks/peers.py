@@ -1,0 +1,313 @@
+"""cohortreg beside ANTs, greedy and elastix on the same pairs, scored the same way.
+
+    python benchmarks/peers.py --cases brain-t1 [--tools cohortreg,ants-syns,ants-syn,greedy,elastix]
+        [--peer-python /path/to/peers-venv/bin/python] [--threads 2] [--repeats 1]
+        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--out benchmarks/results/peers.json]
+    python benchmarks/peers.py --manifest cohort.csv [--pair-list pairs.csv] ...
+
+Cases (``../shared/data``; ``COHORTREG_SHARED_DATA`` overrides the folder):
+
+- ``brain-t1``: real IXI T1 at 2 mm, 148 DLMUSE labels; pairs 02->01, 04->03, 06->05, 08->07,
+  10->09 (moving->fixed) and their reverses;
+- ``colin-mni``: Colin27 -> MNI152 at 1 mm (AAL labels; the files store different directions);
+- ``labelmaps-1mm``: 6 ``brain-labelmaps`` pairs (1->2, 3->4, ...: fixed->moving subjects) at 1 mm,
+  cropped to the head, intensities from the labels by ``regcore.synthetic`` (seeded);
+- ``labelmaps-2mm``: the same at 2 mm;
+- ``lung``: lung CT masks, follow-up -> baseline, 10 landmark pairs (TRE in mm);
+- ``--manifest M.csv``: a user's cohort (``subject,image,labels`` columns, paths relative to the
+  CSV); pairs from ``--pair-list`` (``fixed,moving`` subject ids) or, by default, each
+  even-numbered row to the row before it and back.
+
+Every tool runs in its own subprocess (``benchmarks/peer_tools.py``) with the same thread count,
+the peers with ``--peer-python`` (an interpreter with the optional extra ``peers`` installed).
+Its result is one dense displacement field on the fixed grid (ITK convention, world mm), applied
+here by **one** resampler for every tool: SimpleITK ``Resample`` with a
+``DisplacementFieldTransform``, nearest neighbour for labels. Scores per tool and pair: mean Dice
+over the labels present in both label maps, % of fixed voxels with a non-positive Jacobian
+determinant (``regcore``'s ``jacobian_determinant`` of the whole map, direction-aware), landmark
+TRE (mm) where the case has landmarks, seconds of the registration call (median over
+``--repeats``) and peak RSS. Prints a table, writes the rows and per-tool means as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from regcore.evaluation import dice_per_label
+from regcore.regularizers import jacobian_determinant
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_tools import REQUIRES, TOOLS, thread_environment  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("COHORTREG_SHARED_DATA", HERE.parents[1] / "shared" / "data"))
+
+
+@dataclass
+class Pair:
+    """One registration problem: files on disk, and what scores it."""
+
+    name: str
+    fixed: Path
+    moving: Path
+    fixed_labels: Path | None = None
+    moving_labels: Path | None = None
+    fixed_points: np.ndarray | None = None  # (N, 3) world mm, fixed space
+    moving_points: np.ndarray | None = None  # (N, 3) world mm, their partners in moving space
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ cases
+def brain_t1_pairs(root: Path) -> list[Pair]:
+    d = root / "brain-t1"
+    out = []
+    for fixed, moving in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10)]:
+        for f, m in ((fixed, moving), (moving, fixed)):
+            out.append(Pair(f"brain-t1 {m:02d}->{f:02d}", d / f"subj{f:02d}_t1.nii.gz", d / f"subj{m:02d}_t1.nii.gz",
+                            d / f"subj{f:02d}_labels.nii.gz", d / f"subj{m:02d}_labels.nii.gz"))
+    return out
+
+
+def colin_mni_pairs(root: Path) -> list[Pair]:
+    d = root / "brain-templates"
+    return [Pair("colin27->mni152", d / "mni.nii.gz", d / "ch2.nii.gz", d / "mnia.nii.gz", d / "ch2_aal.nii.gz")]
+
+
+def labelmap_pairs(root: Path, work: Path, spacing_mm: float) -> list[Pair]:
+    """The synthetic-contrast label-map pairs, written once to ``work`` as NIfTI for every tool."""
+    from regcore import read_image, write_image
+    from regcore.synthetic import crop_to_labels, intensity_from_labels
+
+    out = []
+    for fi, mi in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)]:
+        files = {}
+        for s in (fi, mi):
+            img_path, lab_path = work / f"labelmap{s:02d}_{spacing_mm:g}mm.nii.gz", work / f"labelmap{s:02d}_{spacing_mm:g}mm_labels.nii.gz"
+            if not img_path.exists():
+                lab = crop_to_labels(read_image(root / "brain-labelmaps" / f"subject{s:02d}_seg.nii.gz", dtype=None),
+                                     margin=4, factor=spacing_mm)
+                write_image(intensity_from_labels(lab, 0, s), img_path)
+                write_image(lab, lab_path, np.int16)
+            files[s] = (img_path, lab_path)
+        out.append(Pair(f"labelmaps {mi:02d}->{fi:02d} ({spacing_mm:g} mm)", files[fi][0], files[mi][0], files[fi][1], files[mi][1]))
+    return out
+
+
+def lung_pairs(root: Path) -> list[Pair]:
+    from regcore import read_image
+    from regcore.points import read_points
+
+    d = root / "lung-ct"
+    fixed, moving = d / "3DCT_lung_baseline_mask.mha", d / "3DCT_lung_followup_mask.mha"
+    fp = read_points(d / "3DCT_lung_baseline.txt", read_image(fixed).grid)
+    mp = read_points(d / "3DCT_lung_followup.txt", read_image(moving).grid)
+    return [Pair("lung followup->baseline", fixed, moving, fixed_points=fp, moving_points=mp)]
+
+
+def manifest_pairs(manifest: Path, pair_list: Path | None) -> list[Pair]:
+    rows = list(csv.DictReader(manifest.open()))
+    base = manifest.parent
+    by_id = {r["subject"]: r for r in rows}
+    if pair_list is not None:
+        ids = [(r["fixed"], r["moving"]) for r in csv.DictReader(pair_list.open())]
+    else:
+        ids = []
+        for i in range(1, len(rows), 2):
+            a, b = rows[i - 1]["subject"], rows[i]["subject"]
+            ids += [(a, b), (b, a)]
+    out = []
+    for f, m in ids:
+        rf, rm = by_id[f], by_id[m]
+        lab = (lambda r: base / r["labels"] if r.get("labels") else None)
+        out.append(Pair(f"{m}->{f}", base / rf["image"], base / rm["image"], lab(rf), lab(rm)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def resample(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels: bool) -> sitk.Image:
+    """Moving on the fixed grid through the field: the one resampler every tool is scored with."""
+    tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return sitk.Resample(moving, fixed, tx, interp, 0.0, moving.GetPixelID())
+
+
+def score(pair: Pair, field_path: Path) -> dict:
+    """Dice (labels in both maps), % non-positive Jacobian, TRE: the same for every tool."""
+    field_img = sitk.ReadImage(str(field_path), sitk.sitkVectorFloat64)
+    out: dict = {}
+    if pair.fixed_labels is not None and pair.moving_labels is not None:
+        fl = sitk.ReadImage(str(pair.fixed_labels))
+        ml = sitk.ReadImage(str(pair.moving_labels))
+        warped = sitk.GetArrayFromImage(resample(ml, fl, field_img, labels=True)).astype(np.int64)
+        fa = sitk.GetArrayFromImage(fl).astype(np.int64)
+        ma = sitk.GetArrayFromImage(ml).astype(np.int64)
+        labels = sorted((set(np.unique(fa).tolist()) & set(np.unique(ma).tolist())) - {0})
+        per = dice_per_label(torch.from_numpy(fa), torch.from_numpy(warped), labels)
+        out["dice"] = float(np.nanmean(list(per.values())))
+        out["labels"] = len(labels)
+    u = torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_img), -1, 0).astype(np.float32))
+    direction = torch.as_tensor(np.asarray(field_img.GetDirection()).reshape(3, 3), dtype=torch.float32)
+    det = jacobian_determinant(u[None], spacing=field_img.GetSpacing(), direction=direction)
+    out["nonpositive_jacobian_percent"] = 100.0 * float((det <= 0).double().mean())
+    if pair.fixed_points is not None:
+        from regcore.evaluation import landmark_tre
+        from regcore.export import read_displacement
+
+        tre = landmark_tre(pair.fixed_points, pair.moving_points, read_displacement(field_path))
+        out["tre_mm"] = float(np.mean(tre))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- runs
+def interpreter_has(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def run_tool(tool: str, pair: Pair, outdir: Path, python: str, threads: int, method: str, config: str | None) -> dict:
+    """One tool on one pair in a fresh subprocess; returns its run.json (or an error)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    cmd = [python, str(HERE / "peer_tools.py"), tool, str(pair.fixed), str(pair.moving), str(outdir),
+           "--threads", str(threads), "--method", method]
+    if config:
+        cmd += ["--config", config]
+    env = dict(os.environ, **thread_environment(threads))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
+                "wall_s": time.perf_counter() - t0}
+    record = json.loads((outdir / "run.json").read_text())
+    record["wall_s"] = time.perf_counter() - t0
+    return record
+
+
+def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str, threads: int,
+              repeats: int, method: str, config: str | None, log=print) -> dict:
+    """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means}}``."""
+    rows = []
+    for pair in pairs:
+        for tool in tools:
+            python = sys.executable if tool == "cohortreg" else peer_python
+            runs = []
+            for r in range(repeats):
+                outdir = work / pair.name.replace(" ", "_").replace(">", "").replace("/", "_") / tool / f"run{r}"
+                runs.append(run_tool(tool, pair, outdir, python, threads, method, config))
+                if "error" in runs[-1]:
+                    break
+            row = {"pair": pair.name, "tool": tool}
+            if "error" in runs[-1]:
+                row["error"] = runs[-1]["error"]
+            else:
+                row.update(score(pair, outdir / "displacement.nii.gz"))
+                row["seconds"] = statistics.median(run["seconds"] for run in runs)
+                row["seconds_runs"] = [round(run["seconds"], 2) for run in runs]
+                row["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+            rows.append(row)
+            log(format_row(row))
+    return {"rows": rows, "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    out: dict = {}
+    for tool in dict.fromkeys(r["tool"] for r in rows):
+        ok = [r for r in rows if r["tool"] == tool and "error" not in r]
+        s = {"pairs": len(ok), "failed": sum(1 for r in rows if r["tool"] == tool and "error" in r)}
+        for key in ("dice", "tre_mm", "seconds", "peak_rss_mb"):
+            vals = [r[key] for r in ok if key in r]
+            if vals:
+                s[key] = float(np.mean(vals))
+        jac = [r["nonpositive_jacobian_percent"] for r in ok]
+        if jac:
+            s["worst_nonpositive_jacobian_percent"] = float(max(jac))
+        out[tool] = s
+    return out
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['pair']} | {row['tool']} | failed: {row['error']} |"
+    dice = f"{row['dice']:.4f}" if "dice" in row else "-"
+    tre = f"{row['tre_mm']:.2f}" if "tre_mm" in row else "-"
+    return (f"| {row['pair']} | {row['tool']} | {dice} | {tre} | {row['nonpositive_jacobian_percent']:.4f} | "
+            f"{row['seconds']:.1f} | {row['peak_rss_mb'] / 1024:.2f} |")
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["| tool | pairs | mean Dice | mean TRE mm | worst % Jac <= 0 | mean s | mean peak RSS GB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for tool, s in summary.items():
+        lines.append(f"| {tool} | {s['pairs']} (+{s['failed']} failed) | {s.get('dice', float('nan')):.4f} | "
+                     f"{s.get('tre_mm', float('nan')):.2f} | {s.get('worst_nonpositive_jacobian_percent', float('nan')):.4f} | "
+                     f"{s.get('seconds', float('nan')):.1f} | {s.get('peak_rss_mb', float('nan')) / 1024:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="brain-t1", help="comma list: brain-t1, colin-mni, labelmaps-1mm, labelmaps-2mm, lung")
+    ap.add_argument("--manifest", type=Path, help="a cohort CSV (subject,image,labels) instead of --cases")
+    ap.add_argument("--pair-list", type=Path, help="fixed,moving subject ids for --manifest")
+    ap.add_argument("--tools", default="cohortreg,ants-syns,ants-syn,greedy,elastix")
+    ap.add_argument("--peer-python", default=sys.executable, help="interpreter with antspyx, picsl-greedy, itk-elastix")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per tool and pair; seconds are their median")
+    ap.add_argument("--method", default="affine+syn")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--pairs", type=int, default=None, help="first N pairs of each case")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
+    args = ap.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="cohortreg-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.manifest is not None:
+        pairs = manifest_pairs(args.manifest, args.pair_list)
+    else:
+        makers = {"brain-t1": lambda: brain_t1_pairs(SHARED), "colin-mni": lambda: colin_mni_pairs(SHARED),
+                  "labelmaps-1mm": lambda: labelmap_pairs(SHARED, work, 1.0),
+                  "labelmaps-2mm": lambda: labelmap_pairs(SHARED, work, 2.0), "lung": lambda: lung_pairs(SHARED)}
+        pairs = []
+        for case in args.cases.split(","):
+            if case not in makers:
+                ap.error(f"unknown case {case!r}; choose from {', '.join(makers)}")
+            if not SHARED.is_dir():
+                ap.error(f"{SHARED} not found: the shared cases need ../shared/data (or use --manifest)")
+            pairs += makers[case]()[: args.pairs]
+    tools = []
+    for tool in args.tools.split(","):
+        if tool not in TOOLS:
+            ap.error(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
+        python = sys.executable if tool == "cohortreg" else args.peer_python
+        if interpreter_has(python, REQUIRES[tool]):
+            tools.append(tool)
+        else:
+            print(f"skipping {tool}: {python} cannot import {REQUIRES[tool]} (pip install -e '.[peers]')", file=sys.stderr)
+    print("| pair | tool | mean Dice | TRE mm | % Jac <= 0 | s | peak RSS GB |\n| --- | --- | --- | --- | --- | --- | --- |")
+    result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config)
+    print()
+    print(format_summary(result["summary"]))
+    result.update(cases=args.cases if args.manifest is None else str(args.manifest), threads=args.threads,
+                  repeats=args.repeats, method=args.method, config=args.config, tools={t: TOOLS[t] for t in tools},
+                  torch=torch.__version__, host=os.uname().nodename, date=time.strftime("%Y-%m-%d %H:%M"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

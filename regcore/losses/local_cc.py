@@ -1,0 +1,208 @@
+r"""Local (squared) cross-correlation, ANTs' ``CC`` metric, with analytic gradients.
+
+For every voxel ``x`` the window ``W(x)`` is the ``(2 r + 1)^D`` box around it, clipped to the
+image (windows near the border hold fewer voxels, ``n(x)`` of them). With the window means
+``mu_I, mu_J`` and (co)variances::
+
+    a = mean_W(I J) - mu_I mu_J,   b = mean_W(I^2) - mu_I^2,   c = mean_W(J^2) - mu_J^2,
+
+the local correlation is ``cc(x) = a^2 / (b c + eps)`` in ``[0, 1]`` (up to ``eps``), and the
+measure is its mean over the voxels (weighted by a mask). ``eps`` (squared intensity units
+squared) silences flat windows: with intensities normalised to ``[0, 1]``, ``1e-5`` ignores
+windows whose variances are below about 0.3 % of the range (background noise).
+
+The window sums are running sums (shifted adds), ``O(r)`` per voxel and axis with no convolution.
+The gradients are analytic: with ``t = a / (b c + eps)``, ``alpha = 2 t w / n`` (``w`` the
+normalised voxel weight), ``beta_J = alpha t b`` and ``beta_I = alpha t c``::
+
+    d/dJ(x) = I(x) S[alpha](x) - S[alpha mu_I](x) - J(x) S[beta_J](x) + S[beta_J mu_J](x)
+
+(``S`` the same window sum; symmetric in ``I <-> J`` with ``beta_I``). ``exact=False`` keeps only
+the window centred on ``x`` (ANTs' approximation, no second pass of window sums):
+``n (alpha (I - mu_I) - beta_J (J - mu_J))``, the same direction up to smoothing; it serves the
+greedy (normalised-step) optimiser, never a line search.
+
+Shapes follow :mod:`regcore.losses.functional`: ``(N, C, *spatial)`` images, masks broadcastable to
+``(N, 1, *spatial)``; the value is averaged over batch elements and channels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from regcore.errors import InputError
+from regcore.masks import prepare_mask
+
+__all__ = ["window_sum", "window_count", "local_cc", "local_cc_gradients"]
+
+
+def window_sum(x: Tensor, radius: int, ndim: int) -> Tensor:
+    """Sum of ``x`` over the ``(2 radius + 1)`` box around every voxel of its last ``ndim`` dims
+    (zeros outside the image): running sums by shifted in-place adds, ``O(radius)`` per voxel."""
+    for dim in range(x.dim() - ndim, x.dim()):
+        n = x.shape[dim]
+        out = x.clone()
+        for s in range(1, min(radius, n - 1) + 1):
+            out.narrow(dim, s, n - s).add_(x.narrow(dim, 0, n - s))
+            out.narrow(dim, 0, n - s).add_(x.narrow(dim, s, n - s))
+        x = out
+    return x
+
+
+def window_count(shape: tuple[int, ...], radius: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Number of image voxels in each voxel's window, ``shape`` (spatial only): outer product of
+    the per-axis counts ``min(i + r, n - 1) - max(i - r, 0) + 1``."""
+    out: Optional[Tensor] = None
+    for axis, n in enumerate(shape):
+        i = torch.arange(n, device=device)
+        count = ((i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1).to(dtype)
+        view = [1] * len(shape)
+        view[axis] = n
+        count = count.reshape(view)
+        out = count if out is None else out * count
+    assert out is not None
+    return out
+
+
+def _check(fixed: Tensor, moving: Tensor, radius: int) -> int:
+    if fixed.shape != moving.shape:
+        raise InputError(f"local_cc: fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} differ in shape")
+    if fixed.dim() not in (4, 5):
+        raise InputError(f"local_cc needs (N, C, *spatial) 2D or 3D images, got shape {tuple(fixed.shape)}")
+    if int(radius) != radius or radius < 1:
+        raise InputError(f"local_cc radius must be a positive integer (voxels), got {radius!r}")
+    return fixed.dim() - 2
+
+
+def _moments(fixed: Tensor, moving: Tensor, radius: int, ndim: int):
+    n = window_count(tuple(fixed.shape[2:]), radius, fixed.dtype, fixed.device)
+    s = window_sum(torch.stack([fixed, moving, fixed * fixed, moving * moving, fixed * moving]), radius, ndim) / n
+    mu_i, mu_j = s[0], s[1]
+    b = (s[2] - mu_i * mu_i).clamp_min(0)
+    c = (s[3] - mu_j * mu_j).clamp_min(0)
+    a = s[4] - mu_i * mu_j
+    return n, mu_i, mu_j, a, b, c
+
+
+def _weights(weight: Optional[Tensor], like: Tensor) -> Tensor:
+    """Per-voxel weights that sum to 1 over each (batch, channel) and average over them."""
+    count = like.shape[0] * like.shape[1]
+    dims = tuple(range(2, like.dim()))
+    if weight is None:
+        return like.new_full((1,) * like.dim(), 1.0 / (count * like[0, 0].numel()))
+    return weight / (weight.sum(dim=dims, keepdim=True) * count)
+
+
+def local_cc_gradients(
+    fixed: Tensor,
+    moving: Tensor,
+    mask: Optional[Tensor] = None,
+    radius: int = 2,
+    eps: float = 1e-5,
+    exact: bool = True,
+    wrt_fixed: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The measure and its gradients w.r.t. each voxel of ``moving`` (and of ``fixed``).
+
+    Args:
+        fixed, moving: ``(N, C, *spatial)``, same shape.
+        mask: weights broadcastable to ``(N, 1, *spatial)`` (not differentiated).
+        radius: window half-size in voxels (window ``2 r + 1``; ANTs' ``CC[..., r]``).
+        eps: added to ``b c``.
+        exact: the exact gradient (two passes of window sums), or the centred-window
+            approximation (see the module doc).
+        wrt_fixed: also return ``d/d fixed``.
+
+    Returns:
+        ``(value, d value / d moving, d value / d fixed or None)``: a 0-dim tensor and tensors
+        shaped like the images (no autograd graph).
+    """
+    ndim = _check(fixed, moving, radius)
+    with torch.no_grad():
+        weight = prepare_mask(mask, fixed)
+        n, mu_i, mu_j, a, b, c = _moments(fixed, moving, radius, ndim)
+        den = b * c + eps
+        t = a / den
+        w = _weights(weight, fixed)
+        value = (a * t * w).sum()
+        alpha = 2 * t * w
+        beta_j = alpha * t * b
+        beta_i = alpha * t * c if wrt_fixed else None
+        if not exact:
+            g_j = alpha * (fixed - mu_i) - beta_j * (moving - mu_j)
+            g_i = alpha * (moving - mu_j) - beta_i * (fixed - mu_i) if wrt_fixed else None
+            return value, g_j, g_i
+        alpha, beta_j = alpha / n, beta_j / n
+        chans = [alpha, alpha * mu_i, beta_j, beta_j * mu_j]
+        if wrt_fixed:
+            beta_i = beta_i / n
+            chans += [alpha * mu_j, beta_i, beta_i * mu_i]
+        s = window_sum(torch.stack(chans), radius, ndim)
+        g_j = fixed * s[0] - s[1] - moving * s[2] + s[3]
+        g_i = moving * s[0] - s[4] - fixed * s[5] + s[6] if wrt_fixed else None
+    return value, g_j, g_i
+
+
+class _LocalCC(torch.autograd.Function):
+    """``local_cc`` with its analytic backward (no autograd graph through the window sums)."""
+
+    @staticmethod
+    def forward(ctx, fixed: Tensor, moving: Tensor, mask: Optional[Tensor], radius: int, eps: float, exact: bool):  # type: ignore[override]
+        need_fixed = ctx.needs_input_grad[0]
+        need_mask = mask is not None and ctx.needs_input_grad[2]
+        value, g_j, g_i = local_cc_gradients(fixed, moving, mask, radius, eps, exact, wrt_fixed=need_fixed)
+        empty = g_j.new_empty(0)
+        g_w = empty
+        if need_mask:  # value = sum_c w_c cc_c / sum_c w_c per element: d/dw_c = (cc_c - value_e) / sum w
+            with torch.no_grad():
+                ndim = fixed.dim() - 2
+                weight = prepare_mask(mask, fixed)
+                _, _, _, a, b, c = _moments(fixed, moving, radius, ndim)
+                cc = a * a / (b * c + eps)
+                dims = tuple(range(2, fixed.dim()))
+                total = weight.sum(dim=dims, keepdim=True)
+                per = (cc * weight).sum(dim=dims, keepdim=True) / total
+                g_w = ((cc - per) / total).mean(dim=1, keepdim=True) / fixed.shape[0]
+        ctx.save_for_backward(g_j, g_i if g_i is not None else empty, g_w)
+        ctx.need_fixed, ctx.need_mask, ctx.mask_shape = need_fixed, need_mask, None if mask is None else mask.shape
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        g_j, g_i, g_w = ctx.saved_tensors
+        d_mask = None
+        if ctx.need_mask:
+            d_mask = (g_w * grad).sum_to_size(ctx.mask_shape) if g_w.shape != ctx.mask_shape else g_w * grad
+        return (g_i * grad if ctx.need_fixed else None), g_j * grad, d_mask, None, None, None
+
+
+def local_cc(
+    fixed: Tensor,
+    moving: Tensor,
+    mask: Optional[Tensor] = None,
+    radius: int = 2,
+    eps: float = 1e-5,
+    exact: bool = True,
+) -> Tensor:
+    """Mean local squared correlation (ANTs ``CC``), in ``[0, 1]``; 1 for ``moving = a fixed + b``
+    on textured images. Differentiable w.r.t. both images by an analytic backward (the gradient
+    is computed with the value, so call it under autograd only when a gradient is wanted).
+
+    Args:
+        fixed, moving: ``(N, C, *spatial)``, 2D or 3D, same shape.
+        mask: weights broadcastable to ``(N, 1, *spatial)``.
+        radius: window half-size in voxels (window ``2 radius + 1``).
+        eps: regulariser of ``b c`` (see the module doc).
+        exact: exact gradient, or the centred-window approximation.
+    """
+    needs = fixed.requires_grad or moving.requires_grad or (mask is not None and mask.requires_grad)
+    if not needs or not torch.is_grad_enabled():
+        ndim = _check(fixed, moving, radius)
+        weight = prepare_mask(mask, fixed)
+        _, _, _, a, b, c = _moments(fixed, moving, radius, ndim)
+        return (a * a / (b * c + eps) * _weights(weight, fixed)).sum()
+    return _LocalCC.apply(fixed, moving, mask, int(radius), float(eps), bool(exact))
