@@ -180,13 +180,13 @@ def interpreter_has(python: str, module: str) -> bool:
 def run_tool(tool: str, pair: Pair, outdir: Path, python: str, threads: int, method: str, config: str | None) -> dict:
     """One tool on one pair in a fresh subprocess; returns its run.json (or an error)."""
     outdir.mkdir(parents=True, exist_ok=True)
-    cmd = [python, str(HERE / "peer_tools.py"), tool, str(pair.fixed), str(pair.moving), str(outdir),
+    cmd = [python, str(HERE / "peer_tools.py"), tool, str(Path(pair.fixed).resolve()), str(Path(pair.moving).resolve()), str(outdir.resolve()),
            "--threads", str(threads), "--method", method]
     if config:
-        cmd += ["--config", config]
+        cmd += ["--config", str(Path(config).resolve())]
     env = dict(os.environ, **thread_environment(threads))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=outdir)  # tools that write to the cwd
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"],
                 "wall_s": time.perf_counter() - t0}
