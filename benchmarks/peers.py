@@ -35,6 +35,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
             python = sys.executable if tool == "cohortreg" else peer_python
             runs = []
             for r in range(repeats):
-                outdir = work / pair.name.replace(" ", "_").replace(">", "").replace("/", "_") / tool / f"run{r}"
+                outdir = work / re.sub(r"[^A-Za-z0-9_.-]+", "_", pair.name) / tool / f"run{r}"  # plain names: greedy splits its command on them
                 runs.append(run_tool(tool, pair, outdir, python, threads, method, config))
                 if "error" in runs[-1]:
                     break

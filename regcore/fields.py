@@ -82,20 +82,34 @@ def world_gradient(data: torch.Tensor, grid: Grid) -> torch.Tensor:
     return to_world(axis_gradient(data, grid), grid)
 
 
+def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x[i+1] - x[i-1]`` along ``dim`` (twice the one-sided difference at the two ends)."""
+    n = x.shape[dim]
+    out = torch.empty_like(x)
+    if n < 2:
+        return out.zero_()
+    torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    out.narrow(dim, 0, 1).copy_(x.narrow(dim, 1, 1) - x.narrow(dim, 0, 1)).mul_(2)
+    out.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1) - x.narrow(dim, n - 2, 1)).mul_(2)
+    return out
+
+
 def compose_first_order(u: torch.Tensor, step: torch.Tensor, grid: Grid) -> torch.Tensor:
     """The displacement of ``(id + u) o (id + step)`` to first order in ``step``:
     ``step(x) + u(x) + (grad u)(x) step(x)``, both ``(D, *grid.shape)`` mm.
 
     Exact to ``O(|step|^2 |grad^2 u|)``: for the sub-voxel updates of a greedy optimiser this
     matches resampling ``u`` at ``x + step`` (:func:`regcore.transforms.deformable.compose_displacements`)
-    at a fraction of the cost (finite differences instead of a trilinear gather).
+    at a fraction of the cost (finite differences instead of a trilinear gather). The derivative
+    along ``step`` is taken along the index axes, ``(grad_world u) step = (grad_axes u) (R^T step)``,
+    by central differences (one-sided at the ends).
     """
-    along = to_axes(step, grid)  # (grad_world u) step = (grad_axes u) (R^T step)
+    along = to_axes(step, grid)
     out = u + step
-    for k in range(grid.ndim):
-        g = axis_gradient(u[k], grid)
-        for j in range(grid.ndim):
-            out[k].addcmul_(g[j], along[j])
+    nd = grid.ndim
+    for k in range(nd):  # index axis k is tensor dim nd - k of the (D, *shape) field
+        weight = along[k] * (0.5 / grid.spacing[k])
+        out.addcmul_(_central_difference(u, nd - k), weight)
     return out
 
 
@@ -138,14 +152,15 @@ class FieldSampler:
         return sample_normalized(data, coords, mode, padding), coords
 
 
-def invert_displacement(u: torch.Tensor, grid: Grid, iterations: int = 20, tol_vox: float = 0.01,
+def invert_displacement(u: torch.Tensor, grid: Grid, iterations: int = 20, tol_vox: float = 0.001,
                         initial: torch.Tensor | None = None, coarse_start: bool = True) -> torch.Tensor:
     """The inverse field ``v`` of ``u`` on the same grid: ``v(y) = -u(y + v(y))``, so that
     ``(id + u) o (id + v) = id`` (mm), by fixed-point iteration (converges where the map is
     invertible with ``|grad u| < 1``; border-clamped outside the grid).
 
-    Stops when no voxel moves by more than ``tol_vox`` voxels in an iteration, or after
-    ``iterations``. The starting guess is ``initial`` if given; else, with ``coarse_start`` on a
+    Stops when the voxels move by less than ``tol_vox`` voxels on average in an iteration, or after
+    ``iterations`` (the mean, not the maximum: where the field folds, e.g. clamped at the grid's
+    border, a few voxels have no inverse and cycle for ever). The starting guess is ``initial`` if given; else, with ``coarse_start`` on a
     grid of at least 32 voxels per axis, the inverse computed on the grid downsampled by 2
     (recursively), so that most iterations run on an eighth of the voxels; else ``-u``.
     """
@@ -157,7 +172,7 @@ def invert_displacement(u: torch.Tensor, grid: Grid, iterations: int = 20, tol_v
     tol = tol_vox * min(grid.spacing)
     for _ in range(iterations):
         new = -sampler.sample(u, v, padding="border")[0]
-        change = float(((new - v).detach() ** 2).sum(0).max().sqrt())
+        change = float(((new - v).detach() ** 2).sum(0).sqrt().mean())
         v = new
         if change <= tol:
             break

@@ -42,9 +42,9 @@ PRESETS: dict[str, dict] = {
     "affine": {
         "name": "affine",
         "stages": [
-            dict(_LINEAR_STAGE, transform="rigid", **_AFFINE_LEVELS, pyramid={"spacing_mm": [8, 4], "iterations": [60, 30]}),
+            dict(_LINEAR_STAGE, transform="rigid", **_AFFINE_LEVELS, pyramid={"spacing_mm": [8, 4], "iterations": [40, 20]}),
             dict(_LINEAR_STAGE, transform="affine", init="previous", **_AFFINE_LEVELS,
-                 pyramid={"spacing_mm": [8, 4], "iterations": [100, 50]}),
+                 pyramid={"spacing_mm": [8, 4], "iterations": [60, 30]}),
         ],
     },
 }
@@ -100,17 +100,19 @@ PRESETS.update(
 
 
 # symmetric diffeomorphic normalisation (ANTs SyN's scheme, greedy-style updates; regcore.greedy):
-# local squared correlation over 5^3 voxels with analytic gradients, levels at 1/4, 1/2 and the
-# full resolution of the fixed image, steps of at most 0.75 voxel per half, updates smoothed by
-# 1 voxel and the half fields by 0.5 voxel (sigmas in voxels of each level). Tuned on real T1
-# brains (brain-t1, 2 mm) and checked at 1 mm (benchmarks/peers.py).
+# local squared correlation over 5^3 voxels with analytic gradients (flat windows, b c <= 1e-6,
+# ignored), levels at 8, 4 and 2 mm (an image coarser than a level runs at its own resolution),
+# steps of at most 0.75 voxel per half, updates smoothed by 1.25 voxel and the half fields by 0.5
+# voxel (sigmas in voxels of each level, so the regularisation is the same at every resolution).
+# Tuned on real T1 brains (brain-t1, 2 mm: levels 8/4/2 mm = factors 4/2/1) and checked at 1 mm
+# and on lung CT (benchmarks/peers.py); a 1 mm level is an override away (README).
 _SYN_STAGE = {
     "transform": "syn",
     "init": "previous",
-    "objective": [{"measure": "lcc", "params": {"radius": 2, "exact": False}}],
+    "objective": [{"measure": "lcc", "params": {"radius": 2, "exact": False, "eps": 1e-6}}],
     "optimizer": {"name": "greedy", "lr": 0.75},
-    "pyramid": {"factors": [4, 2, 1], "iterations": [200, 100, 30]},
-    "smoothing": {"update_sigma_vox": 1.0, "field_sigma_vox": 0.5},
+    "pyramid": {"spacing_mm": [8, 4, 2], "iterations": [100, 60, 20]},
+    "smoothing": {"update_sigma_vox": 1.25, "field_sigma_vox": 0.5},
     "stopping": {"rel_tol": 1e-5, "patience": 20},
     "normalize": "percentile",
 }

@@ -32,13 +32,25 @@ def _reference(fixed, moving, radius, eps=1e-5):
     a = box(fixed * moving) / n - mi * mj
     b = box(fixed * fixed) / n - mi * mi
     c = box(moving * moving) / n - mj * mj
-    return (a * a / (b * c + eps)).mean()
+    return torch.where(b * c > eps, a * a / (b * c), torch.zeros_like(a)).mean()
 
 
 @pytest.mark.parametrize("shape,radius", [((7, 8, 9), 1), ((7, 8, 9), 2), ((12, 10), 3), ((5, 4, 6), 4)])
 def test_value_matches_a_convolution_reference(shape, radius):
     fixed, moving = _pair(shape)
     assert float(local_cc(fixed, moving, radius=radius)) == pytest.approx(float(_reference(fixed, moving, radius)), rel=1e-10)
+
+
+def test_contrast_of_the_moving_image_does_not_change_the_value():
+    # no regulariser in the denominator: a contrasted moving image is not preferred to a faint one
+    # (the bias that pulled an affine fit off an exact shift), and flat windows count as 0
+    fixed, moving = _pair((8, 9, 7))
+    assert float(local_cc(fixed, 5.0 * moving + 2.0)) == pytest.approx(float(local_cc(fixed, moving)), rel=1e-12)
+    flat = torch.zeros_like(moving)
+    flat[..., :4] = torch.rand_like(flat[..., :4])  # half the image flat: its windows count 0
+    value = float(local_cc(fixed, flat, radius=1))
+    assert value == pytest.approx(float(_reference(fixed, flat, 1)), rel=1e-10)
+    assert value < 0.5 * float(local_cc(fixed, fixed.clone(), radius=1))
 
 
 def test_window_sum_equals_ones_convolution():

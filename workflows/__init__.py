@@ -26,13 +26,13 @@ class Workflow:
 WORKFLOWS: dict[str, Workflow] = {
     w.name: w
     for w in (
-        Workflow("atlas", "atlas", "affine+svf", "to-atlas",
+        Workflow("atlas", "atlas", "affine+syn", "to-atlas",
                  "every subject to the atlas: fields on the atlas grid (stacked along pair), subject labels "
                  "warped into atlas space"),
-        Workflow("atlas-labels", "atlas", "affine+svf", "from-atlas",
+        Workflow("atlas-labels", "atlas", "affine+syn", "from-atlas",
                  "the atlas to every subject: atlas labels propagated onto each subject's grid (segmentation)"),
-        Workflow("pairwise", "all", "affine+ffd", description="all ordered pairs of subjects"),
-        Workflow("longitudinal", "longitudinal", "affine+svf",
+        Workflow("pairwise", "all", "affine+syn", description="all ordered pairs of subjects"),
+        Workflow("longitudinal", "longitudinal", "affine+syn",
                  description="each later session to the first session of the same subject"),
     )
 }

@@ -6,13 +6,16 @@ image (windows near the border hold fewer voxels, ``n(x)`` of them). With the wi
 
     a = mean_W(I J) - mu_I mu_J,   b = mean_W(I^2) - mu_I^2,   c = mean_W(J^2) - mu_J^2,
 
-the local correlation is ``cc(x) = a^2 / (b c + eps)`` in ``[0, 1]`` (up to ``eps``), and the
-measure is its mean over the voxels (weighted by a mask). ``eps`` (squared intensity units
-squared) silences flat windows: with intensities normalised to ``[0, 1]``, ``1e-5`` ignores
-windows whose variances are below about 0.3 % of the range (background noise).
+the local correlation is ``cc(x) = a^2 / (b c)`` in ``[0, 1]``, and the measure is its mean over
+the voxels (weighted by a mask). Flat windows, ``b c <= eps`` (squared intensity units squared),
+count as ``cc = 0`` (ANTs' rule): with intensities normalised to ``[0, 1]``, ``1e-5`` ignores
+windows whose standard deviations are below about 5 % of the range. A threshold, not ``b c + eps``
+in the denominator: a regularised denominator rewards pairing a faint fixed window with a
+contrasted moving one (``a^2 / (b c + eps)`` grows with ``c``), which pulls an affine fit away
+from an exact shift on smooth images.
 
 The window sums are running sums (shifted adds), ``O(r)`` per voxel and axis with no convolution.
-The gradients are analytic: with ``t = a / (b c + eps)``, ``alpha = 2 t w / n`` (``w`` the
+The gradients are analytic: with ``t = a / (b c)`` (0 in flat windows), ``alpha = 2 t w / n`` (``w`` the
 normalised voxel weight), ``beta_J = alpha t b`` and ``beta_I = alpha t c``::
 
     d/dJ(x) = I(x) S[alpha](x) - S[alpha mu_I](x) - J(x) S[beta_J](x) + S[beta_J mu_J](x)
@@ -96,6 +99,12 @@ def _weights(weight: Optional[Tensor], like: Tensor) -> Tensor:
     return weight / (weight.sum(dim=dims, keepdim=True) * count)
 
 
+def _ratio(a: Tensor, b: Tensor, c: Tensor, eps: float) -> Tensor:
+    """``a / (b c)`` where ``b c > eps``, else 0 (flat windows carry no correlation)."""
+    bc = b * c
+    return torch.where(bc > eps, a / bc.clamp_min(eps), torch.zeros_like(a))
+
+
 def local_cc_gradients(
     fixed: Tensor,
     moving: Tensor,
@@ -111,7 +120,7 @@ def local_cc_gradients(
         fixed, moving: ``(N, C, *spatial)``, same shape.
         mask: weights broadcastable to ``(N, 1, *spatial)`` (not differentiated).
         radius: window half-size in voxels (window ``2 r + 1``; ANTs' ``CC[..., r]``).
-        eps: added to ``b c``.
+        eps: windows with ``b c <= eps`` count as uncorrelated (see the module doc).
         exact: the exact gradient (two passes of window sums), or the centred-window
             approximation (see the module doc).
         wrt_fixed: also return ``d/d fixed``.
@@ -124,8 +133,7 @@ def local_cc_gradients(
     with torch.no_grad():
         weight = prepare_mask(mask, fixed)
         n, mu_i, mu_j, a, b, c = _moments(fixed, moving, radius, ndim)
-        den = b * c + eps
-        t = a / den
+        t = _ratio(a, b, c, eps)
         w = _weights(weight, fixed)
         value = (a * t * w).sum()
         alpha = 2 * t * w
@@ -161,7 +169,7 @@ class _LocalCC(torch.autograd.Function):
                 ndim = fixed.dim() - 2
                 weight = prepare_mask(mask, fixed)
                 _, _, _, a, b, c = _moments(fixed, moving, radius, ndim)
-                cc = a * a / (b * c + eps)
+                cc = a * _ratio(a, b, c, eps)
                 dims = tuple(range(2, fixed.dim()))
                 total = weight.sum(dim=dims, keepdim=True)
                 per = (cc * weight).sum(dim=dims, keepdim=True) / total
@@ -196,7 +204,7 @@ def local_cc(
         fixed, moving: ``(N, C, *spatial)``, 2D or 3D, same shape.
         mask: weights broadcastable to ``(N, 1, *spatial)``.
         radius: window half-size in voxels (window ``2 radius + 1``).
-        eps: regulariser of ``b c`` (see the module doc).
+        eps: flat-window threshold on ``b c`` (see the module doc).
         exact: exact gradient, or the centred-window approximation.
     """
     needs = fixed.requires_grad or moving.requires_grad or (mask is not None and mask.requires_grad)
@@ -204,5 +212,5 @@ def local_cc(
         ndim = _check(fixed, moving, radius)
         weight = prepare_mask(mask, fixed)
         _, _, _, a, b, c = _moments(fixed, moving, radius, ndim)
-        return (a * a / (b * c + eps) * _weights(weight, fixed)).sum()
+        return (a * _ratio(a, b, c, eps) * _weights(weight, fixed)).sum()
     return _LocalCC.apply(fixed, moving, mask, int(radius), float(eps), bool(exact))

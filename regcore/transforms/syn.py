@@ -35,7 +35,7 @@ class SymmetricDiffeomorphism(DeformableTransform):
     Args:
         grid: the fixed image's full-resolution grid (the midpoint space's box).
         inverse_iterations: fixed-point iterations (at most) to invert a half map.
-        inverse_tol_vox: stop inverting when no voxel moves by more than this (voxels).
+        inverse_tol_vox: stop inverting when the voxels move by less than this on average (voxels).
         dtype: parameter dtype.
 
     Attributes:
@@ -45,7 +45,7 @@ class SymmetricDiffeomorphism(DeformableTransform):
 
     kind = "syn"
 
-    def __init__(self, grid: Grid, inverse_iterations: int = 20, inverse_tol_vox: float = 0.01,
+    def __init__(self, grid: Grid, inverse_iterations: int = 20, inverse_tol_vox: float = 0.001,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(grid, dtype)
         if int(inverse_iterations) != inverse_iterations or inverse_iterations < 1:
