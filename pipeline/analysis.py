@@ -38,10 +38,12 @@ def _strings(values: np.ndarray) -> np.ndarray:
 
 
 def status_counts(ds: xr.Dataset) -> dict[str, int]:
-    """How many pairs are complete, failed, running (started, not finished) and pending."""
+    """How many pairs are complete, failed, running (started, not finished), interrupted (left
+    running by a Ctrl-C) and pending."""
     status = _strings(ds["status"].values)
     return {"complete": int((status == "complete").sum()), "failed": int((status == "failed").sum()),
-            "running": int((status == "running").sum()), "pending": int((status == "").sum()),
+            "running": int((status == "running").sum()), "interrupted": int((status == "interrupted").sum()),
+            "pending": int((status == "").sum()),
             "total": int(status.size)}
 
 

@@ -4,13 +4,16 @@
 
     cohortreg ingest MANIFEST STORE                      # images -> STORE/images (idempotent)
     cohortreg run STORE --manifest MANIFEST --workflow atlas --atlas KEY [--method affine+svf]
-    cohortreg status STORE                               # complete / failed / pending, errors
+    cohortreg status STORE [--verify]                    # complete / failed / pending, errors
+    cohortreg verify STORE                               # recompute every complete pair's checksum
     cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F]
     cohortreg apply STORE PAIR INPUT OUTPUT [--kind image|labels|points]
     cohortreg demo [--out DIR] [--subjects 8]            # the offline demo cohort, end to end
 
-Exit status: 0 success; 1 some pairs failed (their number is printed and logged); 2 bad input;
-3 infrastructure failure (cluster or store).
+Exit status: 0 success; 1 some pairs failed (their number is printed and logged), some subjects
+failed ingest, or ``verify`` found a mismatch; 2 bad input (checked before any cluster starts);
+3 infrastructure failure (cluster or store, including a store locked by another run); 130
+interrupted (Ctrl-C): pairs not complete stay resumable.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -97,67 +101,131 @@ class _Bar:
 
 
 # ----------------------------------------------------------------------------------- commands
+def _store_path(store: str | Path) -> Path:
+    """A store path that can be a store (a directory, or nothing yet); a file is refused."""
+    path = Path(store)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"store {str(path)!r} is a file, not a store directory")
+    return path
+
+
+def _lock(store: Path, args: argparse.Namespace):
+    """The store's one-writer lock (``--force-unlock`` removes a lock left by a run first)."""
+    from pipeline.lock import StoreLock, force_unlock
+
+    if getattr(args, "force_unlock", False):
+        old = force_unlock(store)
+        if old:
+            print(f"cohortreg: removed the lock of pid {old.get('pid')} on {old.get('host')} "
+                  f"(started {old.get('started')})", file=sys.stderr)
+    return StoreLock(store)
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
     from pipeline.manifest import read_manifest
 
+    store = _store_path(args.store)
     subjects = read_manifest(args.manifest)
-    handle = _cluster(args)
-    try:
-        report = ingest(subjects, args.store, handle.client, force=args.force)
-    finally:
-        handle.close()
+    with _lock(store, args):
+        handle = _cluster(args)
+        try:
+            report = ingest(subjects, store, handle.client, force=args.force)
+        finally:
+            handle.close()
     print(report.summary())
     for r in report.failed:
         print(f"  failed {r['key']}: {r['error']}")
-    return 0
+    return 1 if report.failed else 0
 
 
-def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
-    """Ingest (if a manifest is given), build or reuse the pair table, and run; returns the summary."""
-    from pipeline.ingest import ingest
+@dataclass
+class RunPlan:
+    """Everything a run needs that can be checked without a cluster."""
+
+    store: Path
+    workflow: Any
+    subjects: list | None   # from the manifest (to ingest first), or None: those already in the store
+    pairs: list
+    method: str | dict
+    overrides: Any
+    pairing: dict
+
+
+def _stored_attrs(store: Path) -> dict[str, Any]:
+    """The root attributes of a store that holds results ({} otherwise)."""
+    if not (store / "pairs.csv").exists():
+        return {}
+    return dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs)
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """Check the workflow, store, method config, manifest and pairing, and make the pair table,
+    before any cluster starts (a bad argument costs nothing).
+
+    Provenance: a rerun keeps the store's method unless ``--method`` is given (``--config`` alone
+    is merged over the store's recorded config), and its pairing rule and atlas unless new ones
+    are given; a manifest that grew adds pairs (see :func:`pipeline.store.init_results`).
+    """
     from pipeline.manifest import read_manifest
     from pipeline.pairs import make_pairs, read_pairs
-    from pipeline.runner import run_pairs
+    from regcore import method_config
     from workflows import get_workflow
 
     wf = get_workflow(args.workflow)
-    store = Path(args.store)
-    own = handle is None
-    handle = handle or _cluster(args)
-    try:
-        if args.manifest:
-            subjects = read_manifest(args.manifest)
-            report = ingest(subjects, store, handle.client)
-            print(report.summary(), file=sys.stderr)
-        else:
-            subjects = _subjects_from_store(store)
-        rule = args.pairs or wf.pairs
-        if (store / "pairs.csv").exists() and not args.pairs and not args.atlas:
+    store = _store_path(args.store)
+    stored = _stored_attrs(store)
+    if args.method:
+        method: str | dict = args.method
+    elif stored.get("config"):
+        method = stored["config"]
+    else:
+        method = wf.method
+    method_config(method, args.config)  # validated now, not after the cluster has started
+    old = stored.get("pairing") or {}
+    pairing = {"rule": args.pairs or old.get("rule") or wf.pairs,
+               "atlas": args.atlas or old.get("atlas"),
+               "direction": args.direction or old.get("direction") or wf.direction,
+               "pair_list": args.pair_list or old.get("pair_list")}
+    if args.manifest:
+        subjects = read_manifest(args.manifest)
+        pairs = make_pairs(subjects, pairing["rule"], atlas=pairing["atlas"], direction=pairing["direction"],
+                           pair_list=pairing["pair_list"])
+    else:
+        subjects = None
+        if stored and not old and not (args.pairs or args.atlas):  # a store from before pairings were recorded
             pairs = read_pairs(store / "pairs.csv")
         else:
-            pairs = make_pairs(subjects, rule, atlas=args.atlas, direction=args.direction or wf.direction,
-                               pair_list=args.pair_list)
-        method = args.method or _stored_method(store, args.config) or wf.method
-        bar = _Bar(len(pairs), not args.no_progress)
+            pairs = make_pairs(_subjects_from_store(store), pairing["rule"], atlas=pairing["atlas"],
+                               direction=pairing["direction"], pair_list=pairing["pair_list"])
+    return RunPlan(store, wf, subjects, pairs, method, args.config, pairing)
+
+
+def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
+    """Plan (no cluster), lock the store, ingest (if a manifest is given) and run; the summary."""
+    from pipeline.ingest import ingest
+    from pipeline.runner import run_pairs
+
+    plan = plan_run(args)
+    with _lock(plan.store, args):
+        own = handle is None
+        handle = handle or _cluster(args)
         try:
-            summary = run_pairs(handle.client, store, pairs, method, args.config,
-                                window=args.window, retries=args.retries, gpu=handle.gpu, force=args.force,
-                                progress=bar, root_attrs={"workflow": wf.name})
+            if plan.subjects is not None:
+                report = ingest(plan.subjects, plan.store, handle.client)
+                print(report.summary(), file=sys.stderr)
+            bar = _Bar(len(plan.pairs), not args.no_progress)
+            try:
+                summary = run_pairs(handle.client, plan.store, plan.pairs, plan.method, plan.overrides,
+                                    window=args.window, retries=args.retries, gpu=handle.gpu, force=args.force,
+                                    progress=bar, root_attrs={"workflow": plan.workflow.name, "pairing": plan.pairing},
+                                    allow_removed=getattr(args, "allow_removed", False))
+            finally:
+                bar.close()
         finally:
-            bar.close()
-    finally:
-        if own:
-            handle.close()
+            if own:
+                handle.close()
     return summary
-
-
-def _stored_method(store: Path, overrides: str | None) -> dict | None:
-    """The full method config of the store's last run (so that ``cohortreg run STORE`` resumes it),
-    unless overrides are given or the store has no results yet."""
-    if overrides or not (store / "pairs.csv").exists():
-        return None
-    return dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs).get("config")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -172,20 +240,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _verify(store: str | Path) -> int:
+    """Recompute every complete pair's checksum; print mismatches; the number of mismatches."""
+    from pipeline.analysis import _strings, open_results, verify_pair
+
+    ds = open_results(store)
+    status = _strings(ds["status"].values)
+    ids = _strings(ds["pair_id"].values)
+    complete = np.flatnonzero(status == "complete")
+    bad = [i for i in complete if not verify_pair(store, int(i))]
+    for i in bad:
+        print(f"  CHECKSUM MISMATCH {ids[i]} (pair {i}): its stored results changed after it completed; "
+              f"rerun it with `cohortreg run {store} --force` or restore the store")
+    print(f"verify: {len(complete)} complete pairs checked, {len(bad)} mismatch(es)")
+    return len(bad)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    return 1 if _verify(args.store) else 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.analysis import open_results, status_counts, _strings
 
     ds = open_results(args.store)
     c = status_counts(ds)
     print(f"{args.store}: {c['total']} pairs, {c['complete']} complete, {c['failed']} failed, "
-          f"{c['running']} started but not finished, {c['pending']} pending")
+          f"{c['running']} started but not finished, {c['interrupted']} interrupted, {c['pending']} pending")
     status = _strings(ds["status"].values)
     errors = _strings(ds["error"].values)
     ids = _strings(ds["pair_id"].values)
     for i in np.flatnonzero(status == "failed"):
         print(f"  FAILED {ids[i]}: {errors[i]}")
-    for i in np.flatnonzero(status == "running"):
-        print(f"  incomplete {ids[i]} (a rerun redoes it)")
+    for i in np.flatnonzero((status == "running") | (status == "interrupted")):
+        print(f"  incomplete {ids[i]} ({status[i]}; a rerun redoes it)")
+    if args.verify:
+        return 1 if _verify(args.store) else 0
     return 0
 
 
@@ -255,6 +345,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="futures in flight (default 2 x task slots)")
     p.add_argument("--retries", type=int, default=1, help="Dask retries for lost tasks (default 1)")
     p.add_argument("--force", action="store_true", help="rerun pairs that are already complete")
+    p.add_argument("--allow-removed", action="store_true",
+                   help="run although the manifest lost subjects of the store (their pairs stay, untouched)")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="remove the store's lock first (only when no other run is active on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -267,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest CSV (subject,image[,labels,landmarks,mask,session]) or BIDS folder")
     p.add_argument("store", help="cohort store (a .zarr directory)")
     p.add_argument("--force", action="store_true", help="rewrite unchanged images too")
+    p.add_argument("--force-unlock", action="store_true", help="remove the store's lock first")
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_ingest)
 
@@ -279,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="how many pairs are complete, failed or pending; the errors")
     p.add_argument("store")
+    p.add_argument("--verify", action="store_true", help="also recompute every complete pair's checksum")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("verify", help="recompute every complete pair's checksum; exit 1 on any mismatch")
+    p.add_argument("store")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("report", help="summary table, worst pairs; optional CSV/HTML")
     p.add_argument("store")
@@ -319,6 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InfrastructureError as exc:
         print(f"cohortreg: infrastructure failure: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("cohortreg: interrupted; pairs not complete stay resumable: run the same command again",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:  # the store or a log cannot be written: an infrastructure failure, not a bug
+        print(f"cohortreg: infrastructure failure: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
 
 

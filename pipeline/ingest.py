@@ -6,6 +6,9 @@ paths, sizes and modification times) is skipped, whether it succeeded or failed 
 input (missing or unreadable file, NaNs, a constant image, a label map on another grid) is
 recorded in the group (``status="failed"``, ``error``) and the other subjects go on; the pairs
 that use it fail alone, with that message.
+
+Each subject's group also records its source files as read (``files``: per kind, the path, size in
+bytes and content sha256, streamed), so a result can be traced to the exact bytes it came from.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import torch
 import zarr
 
 from regcore import Image, InputError, read_image
+from regcore.integrity import file_digest
 from regcore.points import read_points
 from regcore.pyramid import downsample
 
 from .manifest import Subject
 from .zarrio import grid_attrs, level_name, write_image_array
 
-__all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint"]
+__all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint", "source_files"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,35 @@ def subject_fingerprint(subject: Subject) -> str:
         **{k: _file_stamp(getattr(subject, k)) for k in ("image", "labels", "mask", "landmarks")},
     }
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """``{"path", "bytes", "sha256"}`` of a file; for a folder (a DICOM series) the total size, the
+    number of files and the sha256 of its sorted ``name<TAB>bytes<TAB>sha256`` lines."""
+    record: dict[str, Any] = {"path": str(path)}
+    try:
+        if path.is_dir():
+            lines, total = [], 0
+            files = sorted(f for f in path.iterdir() if f.is_file())
+            for f in files:
+                size, sha = file_digest(f)
+                total += size
+                lines.append(f"{f.name}\t{size}\t{sha}\n")
+            record.update(bytes=total, files=len(files),
+                          sha256=hashlib.sha256("".join(lines).encode()).hexdigest())
+        else:
+            size, sha = file_digest(path)
+            record.update(bytes=size, sha256=sha)
+    except OSError as exc:
+        record["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
+    return record
+
+
+def source_files(subject: Subject) -> dict[str, dict[str, Any]]:
+    """Path, size (bytes) and content sha256 of each source file of ``subject``, by kind
+    (``image``, ``labels``, ``mask``, ``landmarks``); a file that cannot be read gets ``error``."""
+    return {kind: _file_record(Path(getattr(subject, kind))) for kind in ("image", "labels", "mask", "landmarks")
+            if getattr(subject, kind) is not None}
 
 
 def _same_grid(a: Image, b: Image) -> bool:
@@ -108,7 +141,7 @@ def ingest_subject(subject: Subject, store: str | Path, force: bool = False) -> 
             return {"key": key, "status": "skipped", "error": attrs.get("error", "")}
     group = group_parent.create_group(key, overwrite=True)
     base_attrs = {"subject": subject.subject, "session": subject.session, "source": str(subject.image),
-                  "fingerprint": fingerprint}
+                  "fingerprint": fingerprint, "files": source_files(subject)}
     group.attrs.update({**base_attrs, "status": "ingesting"})
     try:
         attrs = _write_subject(group, subject)

@@ -82,6 +82,9 @@ def read_manifest(path: str | Path) -> list[Subject]:
             mask=_resolve(base, row.get("mask", "")),
             extra={k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS},
         )
+        if subj.key in (".", "..") or not subj.key.strip("._-"):
+            raise InputError(f"manifest {str(p)!r} line {line}: subject {subj.subject!r} session {subj.session!r} "
+                             "cannot name a store folder (use letters or digits)")
         if subj.key in seen:
             raise InputError(f"manifest {str(p)!r} line {line}: subject {subj.subject!r} session {subj.session!r} "
                              f"already listed on line {seen[subj.key]}")

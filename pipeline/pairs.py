@@ -18,7 +18,7 @@ from regcore import InputError
 from .manifest import Subject
 
 __all__ = ["Pair", "RULES", "make_pairs", "atlas_pairs", "all_pairs", "longitudinal_pairs", "read_pair_list",
-           "write_pairs", "read_pairs"]
+           "write_pairs", "append_pairs", "read_pairs"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ def make_pairs(subjects: Sequence[Subject], rule: str, atlas: str | None = None,
     keys = [s.key for s in subjects]
     if rule == "atlas":
         if atlas is None or atlas not in keys:
-            raise InputError(f"atlas pairing needs an atlas key from the cohort, got {atlas!r}")
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+            what = "needs an atlas key (--atlas)" if atlas is None else f"atlas key {atlas!r} is not in the cohort"
+            raise InputError(f"atlas pairing {what}; valid keys: {shown}")
         pairs = atlas_pairs(keys, atlas, direction)
     elif rule == "all":
         pairs = all_pairs(keys)
@@ -121,6 +123,17 @@ def write_pairs(pairs: Sequence[Pair], path: str | Path) -> Path:
         w = csv.writer(fh)
         w.writerow(["pair", "pair_id", "fixed", "moving"])
         for i, pair in enumerate(pairs):
+            w.writerow([i, pair.pair_id, pair.fixed, pair.moving])
+    return p
+
+
+def append_pairs(pairs: Sequence[Pair], path: str | Path, start: int) -> Path:
+    """Append ``pairs`` to a frozen table whose last index is ``start - 1`` (the table is a log:
+    rows are only ever added, so every pair keeps its index)."""
+    p = Path(path)
+    with p.open("a", newline="") as fh:
+        w = csv.writer(fh)
+        for i, pair in enumerate(pairs, start=start):
             w.writerow([i, pair.pair_id, pair.fixed, pair.moving])
     return p
 

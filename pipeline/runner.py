@@ -28,7 +28,7 @@ from regcore import InputError, method_config
 from regcore.config import MethodConfig, config_hash
 
 from .pairs import Pair
-from .store import init_results, mark_failed, read_status
+from .store import init_results, mark_failed, read_layout, read_status
 from .task import inputs_hash, register_pair
 from .zarrio import grid_from_attrs
 
@@ -65,6 +65,7 @@ class RunSummary:
     log_path: str = ""
     report_path: str = ""
     dashboard: str = ""
+    interrupted: list[int] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {"total": self.total, "submitted": len(self.submitted), "skipped": len(self.skipped),
@@ -83,9 +84,79 @@ def _subject_attrs(store: str | Path) -> dict[str, dict[str, Any]]:
     return {key: dict(g.attrs) for key, g in root["images"].groups()}
 
 
+def _recorded(store: str | Path, index: int, name: str) -> str:
+    """One per-pair string the task recorded in the store (e.g. its ``worker``), or ``""``."""
+    with contextlib.suppress(Exception):
+        return str(zarr.open_group(str(store), mode="r", zarr_format=3)[name][index])
+    return ""
+
+
+def _running(store: str | Path, indices: Any) -> int:
+    """How many of the pairs in flight are actually running (their task has marked them)."""
+    idx = list(indices)
+    if not idx:
+        return 0
+    status = zarr.open_group(str(store), mode="r", zarr_format=3)["status"]
+    return sum(str(status[i]) == "running" for i in idx)
+
+
+def _mark_interrupted(store: str | Path, indices: Sequence[int]) -> list[int]:
+    """After Ctrl-C: pairs left ``running`` become ``interrupted`` (incomplete; a rerun redoes them)."""
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    out = []
+    for i in indices:
+        if str(root["status"][i]) == "running":
+            root["status"][i] = "interrupted"
+            out.append(i)
+    return out
+
+
+class _WorkerDeaths(logging.Handler):
+    """Collects the local nannies' reports of worker processes that died ("killed by signal 9")
+    while installed (a context manager); clusters whose nannies live elsewhere report nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("distributed.nanny")
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("Worker process") and ("signal" in msg or "exited with status" in msg):
+            self.messages.append(msg)
+        if self._forward is not None and record.levelno >= self._forward:  # what the logger let through before
+            logging.getLogger("distributed").handle(record)
+
+    def last(self) -> str:
+        return self.messages[-1] if self.messages else ""
+
+    def __enter__(self) -> "_WorkerDeaths":
+        self._forward: int | None = None
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        effective = self._logger.getEffectiveLevel()
+        if effective > logging.INFO:  # hear INFO here, pass on only what was passed on before
+            self._forward = effective
+            self._logger.setLevel(logging.INFO)
+            self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+        self._logger.propagate = self._propagate
+
+
 def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
-               root_attrs: dict[str, Any] | None = None, force: bool = False) -> tuple[list[int], list[int]]:
-    """Initialise the results for ``pairs`` and split them into (to run, to skip)."""
+               root_attrs: dict[str, Any] | None = None, force: bool = False,
+               allow_removed: bool = False) -> tuple[list[int], list[int]]:
+    """Initialise (or extend) the results for ``pairs`` and split them into (to run, to skip).
+
+    Returns store indices (a pair's row in the store's append-only pair table), in the order of
+    ``pairs``. A pair is skipped when it is complete with the same config hash and the same input
+    content hashes (unless ``force``).
+    """
     subjects = _subject_attrs(store)
     missing = sorted({k for p in pairs for k in (p.fixed, p.moving)} - set(subjects))
     if missing:
@@ -96,12 +167,15 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
     moving_labels = any(ok.get(p.moving, {}).get("labels") and ok.get(p.fixed, {}).get("labels") for p in pairs)
     n_levels = sum(stage.pyramid.n_levels for stage in cfg.stages)
     chash = config_hash(cfg)
-    attrs = {"method": cfg.name, "config": json.loads(cfg.model_dump_json()), "config_hash": chash,
+    config = json.loads(cfg.model_dump_json())
+    attrs = {"method": cfg.name, "config": config, "config_hash": chash, "configs": {chash: config},
              "versions": package_versions(), **(root_attrs or {})}
-    init_results(store, pairs, fixed_grids, labels, n_levels, bool(moving_labels), attrs)
+    layout = init_results(store, pairs, fixed_grids, labels, n_levels, bool(moving_labels), attrs, allow_removed)
+    index = {p: i for i, p in enumerate(layout.pairs)}
     state = read_status(store)
     todo, skip = [], []
-    for i, p in enumerate(pairs):
+    for p in pairs:
+        i = index[p]
         expected = (inputs_hash(ok[p.fixed]["content_sha256"], ok[p.moving]["content_sha256"])
                     if p.fixed in ok and p.moving in ok else None)
         done = (state["status"][i] == "complete" and state["config_hash"][i] == chash
@@ -124,6 +198,7 @@ def run_pairs(
     progress: Progress | None = None,
     root_attrs: dict[str, Any] | None = None,
     performance_report: bool = True,
+    allow_removed: bool = False,
 ) -> RunSummary:
     """Register ``pairs`` of an ingested ``store`` on the cluster behind ``client``.
 
@@ -134,21 +209,27 @@ def run_pairs(
         gpu: annotate tasks with ``resources={"GPU": 1}``.
         force: rerun pairs even when complete with the same config.
         progress: called with the counts (and the finished pair's result dict) after each event.
+        allow_removed: the store may hold pairs that ``pairs`` lacks (they are left untouched).
+
+    Indices in the summary (and ``pair`` in the store) are rows of the store's pair table, which
+    is append-only: on a store that grew they need not match positions in ``pairs``.
     """
     from distributed import as_completed, performance_report as perf_report
 
     t0 = time.perf_counter()
     cfg = method_config(method, config)
     chash = config_hash(cfg)
-    todo, skip = plan_pairs(store, pairs, cfg, root_attrs, force)
+    todo, skip = plan_pairs(store, pairs, cfg, root_attrs, force, allow_removed)
+    total = len(todo) + len(skip)
+    pairs = read_layout(store).pairs  # the store's table: indices below are its rows
     logs = Path(store) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    summary = RunSummary(str(store), len(pairs), submitted=list(todo), skipped=list(skip),
+    summary = RunSummary(str(store), total, submitted=list(todo), skipped=list(skip),
                          log_path=str(logs / f"run-{stamp}.jsonl"), dashboard=str(getattr(client, "dashboard_link", "")))
     slots = sum(getattr(client, "nthreads", lambda: {})().values()) if todo else 1
     window = max(1, window or 2 * max(1, slots))
-    counts = {"done": 0, "failed": 0, "skipped": len(skip), "running": 0, "total": len(pairs)}
+    counts = {"done": 0, "failed": 0, "skipped": len(skip), "running": 0, "total": total}
     cfg_dict = json.loads(cfg.model_dump_json())
     report_cm: Any = contextlib.nullcontext()
     if performance_report and todo:
@@ -159,7 +240,7 @@ def run_pairs(
             logf.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(), "event": kind, **data}, default=str) + "\n")
             logf.flush()
 
-        event("start", store=str(store), method=cfg.name, config_hash=chash, pairs=len(pairs), to_run=len(todo),
+        event("start", store=str(store), method=cfg.name, config_hash=chash, pairs=total, to_run=len(todo),
               skipped=len(skip), window=window, retries=retries, gpu=gpu, dashboard=summary.dashboard,
               versions=package_versions())
         if progress:
@@ -174,33 +255,48 @@ def run_pairs(
             futures[fut] = i
             return fut
 
+        deaths = _WorkerDeaths()
         ac = as_completed([submit(queue.pop(0)) for _ in range(min(window, len(queue)))])
-        counts["running"] = len(futures)
-        for fut in ac:
-            i = futures.pop(fut)
-            try:
-                res = fut.result()
-            except Exception as exc:  # the task never finished: a dead worker, a lost task, a store failure
-                msg = f"{pairs[i].pair_id}: task lost ({type(exc).__name__}: {exc})"
-                log.error(msg)
-                with contextlib.suppress(Exception):
-                    mark_failed(store, i, msg, "".join(traceback.format_exception(exc)))
-                res = {"index": i, "pair_id": pairs[i].pair_id, "status": "failed", "error": msg}
-            fut.release()
-            summary.results[i] = res
-            if res["status"] == "complete":
-                summary.complete.append(i)
-                counts["done"] += 1
-            else:
-                summary.failed.append(i)
-                summary.errors[i] = res.get("error", "")
-                counts["failed"] += 1
-            event("pair", **res)
-            if queue:
-                ac.add(submit(queue.pop(0)))
-            counts["running"] = len(futures)
-            if progress:
-                progress(dict(counts), res)
+        try:
+            with deaths:
+                for fut in ac:
+                    i = futures.pop(fut)
+                    try:
+                        res = fut.result()
+                    except Exception as exc:  # the task never finished: a dead worker, a lost task, a store failure
+                        msg = f"{pairs[i].pair_id}: task lost ({type(exc).__name__}: {exc})"
+                        log.error(msg)
+                        worker = _recorded(store, i, "worker")
+                        event("worker_lost", index=i, pair_id=pairs[i].pair_id, worker=worker,
+                              death=deaths.last() or "unknown (no local nanny reported it)",
+                              error=f"{type(exc).__name__}: {exc}")
+                        with contextlib.suppress(Exception):
+                            mark_failed(store, i, msg, "".join(traceback.format_exception(exc)))
+                        res = {"index": i, "pair_id": pairs[i].pair_id, "status": "failed", "error": msg}
+                    fut.release()
+                    summary.results[i] = res
+                    if res["status"] == "complete":
+                        summary.complete.append(i)
+                        counts["done"] += 1
+                    else:
+                        summary.failed.append(i)
+                        summary.errors[i] = res.get("error", "")
+                        counts["failed"] += 1
+                    event("pair", **res)
+                    if queue:
+                        ac.add(submit(queue.pop(0)))
+                    counts["running"] = _running(store, futures.values())
+                    if progress:
+                        progress(dict(counts), res)
+        except KeyboardInterrupt:
+            in_flight = sorted(futures.values())
+            with contextlib.suppress(Exception):
+                client.cancel(list(futures))
+            interrupted = _mark_interrupted(store, in_flight)
+            summary.interrupted = interrupted
+            summary.wall_s = time.perf_counter() - t0
+            event("interrupted", pairs=[pairs[i].pair_id for i in interrupted], **summary.counts(), wall_s=summary.wall_s)
+            raise
         summary.wall_s = time.perf_counter() - t0
         event("end", **summary.counts(), wall_s=summary.wall_s)
     return summary

@@ -35,7 +35,7 @@ import zarr
 
 from regcore import Grid, Image, InputError
 
-from .pairs import Pair, read_pairs, write_pairs
+from .pairs import Pair, append_pairs, read_pairs, write_pairs
 from .zarrio import COMPRESSOR, grid_attrs, grid_from_attrs
 
 __all__ = [
@@ -91,41 +91,36 @@ def _root(store: str | Path, mode: str = "a") -> zarr.Group:
 
 def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str, Grid | None],
                  labels: Sequence[int], n_levels: int, moving_has_labels: bool,
-                 root_attrs: dict[str, Any]) -> StoreLayout:
+                 root_attrs: dict[str, Any], allow_removed: bool = False) -> StoreLayout:
     """Create (or check and extend) the results arrays of ``store`` for ``pairs``; driver only.
 
-    A store keeps the pair table of its first run: a different table is refused. ``n_levels`` may
-    grow (the level arrays are resized); everything else must match.
+    The pair table is an append-only log (``pairs.csv``): pairs already in the store keep their
+    index and their results; pairs that are new (a cohort that grew) are appended, and the arrays
+    grow with them, as does the ``label`` dimension for labels never seen before and the ``level``
+    dimension. Pairs of the store that ``pairs`` no longer holds (subjects removed from the
+    manifest) are refused unless ``allow_removed``: they then stay in the store, untouched.
 
     Args:
         fixed_grids: each fixed key's Grid (``None`` if that image failed ingest).
         labels: foreground labels over the cohort (the ``label`` dimension).
         n_levels: pyramid levels over all stages of the method.
         moving_has_labels: whether to allocate ``warped_labels``.
-        root_attrs: recorded in the root group (config, method, versions, ...).
+        root_attrs: recorded in the root group (config, method, versions, ...); a ``configs``
+            mapping (config hash -> config) is merged into the store's, never replaced.
+        allow_removed: accept a table that lacks some of the store's pairs.
     """
     path = Path(store)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"store {str(path)!r} is a file, not a store directory")
     root = _root(path)
     frozen = path / "pairs.csv"
-    n = len(pairs)
+    root_attrs = dict(root_attrs)
+    if "configs" in root_attrs:  # every config ever used stays, keyed by its hash
+        root_attrs["configs"] = {**dict(root.attrs).get("configs", {}), **root_attrs["configs"]}
     if frozen.exists():
-        old = read_pairs(frozen)
-        if old != list(pairs):
-            raise InputError(f"store {str(path)!r} holds results for another pair table ({len(old)} pairs, frozen in "
-                             f"{str(frozen)!r}); use a new store for a different cohort or pairing")
-        layout = read_layout(path)
-        if list(layout.labels) != list(labels):
-            raise InputError(f"store {str(path)!r}: the cohort's labels changed ({layout.labels} -> {list(labels)}); "
-                             "use a new store")
-        if n_levels > layout.n_levels:
-            for name in LEVEL_VARS + LEVEL_INT_VARS + ("level",):
-                arr = root[name]
-                arr.resize((n, n_levels) if arr.ndim == 2 else (n_levels,))
-            root["level"][...] = np.arange(n_levels, dtype="int32")
-            root.attrs["n_levels"] = n_levels
-        root.attrs.update(root_attrs)
-        return read_layout(path)
-
+        return _extend_results(path, root, pairs, fixed_grids, labels, n_levels, moving_has_labels, root_attrs,
+                               allow_removed)
+    n = len(pairs)
     grids = [fixed_grids.get(p.fixed) for p in pairs]
     known = [g for g in grids if g is not None]
     ndim = known[0].ndim if known else 3
@@ -169,23 +164,93 @@ def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str
             make("warped_labels", (n,) + shape, (1,) + chunks, "int32", ["pair"] + spatial_dims, -1,
                  compressors=COMPRESSOR, attributes=grid_attrs(field_grid))
     else:
-        fields = root.require_group("fields")
         for pair, grid in zip(pairs, grids):
-            if grid is None:
-                continue
-            g = fields.create_group(pair.pair_id, overwrite=True)
-            shape = tuple(grid.shape)
-            chunks = tuple(min(s, 64) for s in shape)
-            g.create_array("displacement", shape=(ndim,) + shape, chunks=(ndim,) + chunks, dtype="float32",
-                           fill_value=np.nan, compressors=COMPRESSOR, dimension_names=["component"] + spatial_dims,
-                           attributes={**grid_attrs(grid), "units": "mm"})
-            if moving_has_labels:
-                g.create_array("warped_labels", shape=shape, chunks=chunks, dtype="int32", fill_value=-1,
-                               compressors=COMPRESSOR, dimension_names=spatial_dims, attributes=grid_attrs(grid))
+            _make_pair_fields(root, pair, grid, moving_has_labels)
     root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": n_levels, "labels": list(map(int, labels)),
                        "stacked": stacked, "ndim": ndim, "layout_version": 1,
                        "field_grid": grid_attrs(field_grid) if field_grid is not None else None})
     write_pairs(pairs, frozen)  # frozen last: a store with pairs.csv is fully initialised
+    return read_layout(path)
+
+
+def _make_pair_fields(root: zarr.Group, pair: Pair, grid: Grid | None, moving_has_labels: bool) -> None:
+    """The per-pair field arrays ``fields/<pair_id>/`` (unstacked layout) on the pair's fixed grid."""
+    if grid is None:
+        return
+    g = root.require_group("fields").create_group(pair.pair_id, overwrite=True)
+    shape = tuple(grid.shape)
+    chunks = tuple(min(s, 64) for s in shape)
+    spatial_dims = ["z", "y", "x"][3 - grid.ndim:]
+    g.create_array("displacement", shape=(grid.ndim,) + shape, chunks=(grid.ndim,) + chunks, dtype="float32",
+                   fill_value=np.nan, compressors=COMPRESSOR, dimension_names=["component"] + spatial_dims,
+                   attributes={**grid_attrs(grid), "units": "mm"})
+    if moving_has_labels:
+        g.create_array("warped_labels", shape=shape, chunks=chunks, dtype="int32", fill_value=-1,
+                       compressors=COMPRESSOR, dimension_names=spatial_dims, attributes=grid_attrs(grid))
+
+
+def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_grids: dict[str, Grid | None],
+                    labels: Sequence[int], n_levels: int, moving_has_labels: bool, root_attrs: dict[str, Any],
+                    allow_removed: bool) -> StoreLayout:
+    """Grow an initialised store to hold ``pairs`` (see :func:`init_results`)."""
+    frozen = path / "pairs.csv"
+    layout = read_layout(path)
+    old = layout.pairs
+    wanted = set(pairs)
+    removed = [p for p in old if p not in wanted]
+    if removed and not allow_removed:
+        gone = sorted({k for p in removed for k in (p.fixed, p.moving)} - {k for p in pairs for k in (p.fixed, p.moving)})
+        raise InputError(
+            f"store {str(path)!r} holds {len(removed)} pair(s) that this run's pair table lacks "
+            f"({', '.join(p.pair_id for p in removed[:3])}{', ...' if len(removed) > 3 else ''})"
+            + (f"; subjects no longer in the manifest: {', '.join(gone[:5])}" if gone else "")
+            + ". Their results stay in the store; pass --allow-removed to run the others anyway, or use a new store "
+              "for another pairing")
+    known = set(old)
+    new = [p for p in pairs if p not in known]
+    n_old, n = len(old), len(old) + len(new)
+    new_labels = [int(v) for v in labels if int(v) not in set(layout.labels)]
+    all_labels = list(layout.labels) + new_labels
+    grids = {p: fixed_grids.get(p.fixed) for p in new}
+    if layout.stacked:
+        odd = [p.pair_id for p, g in grids.items() if g is not None and g != layout.field_grid]
+        if odd:
+            raise InputError(f"store {str(path)!r} stacks every field on one fixed grid; new pair(s) "
+                             f"{', '.join(odd[:3])} have another fixed grid: use a new store for them")
+    levels = max(n_levels, layout.n_levels)
+
+    def grow(name: str, shape: tuple) -> zarr.Array:
+        arr = root[name]
+        if tuple(arr.shape) != shape:
+            arr.resize(shape)
+        return arr
+
+    if new:
+        grow("pair", (n,))[n_old:] = np.arange(n_old, n)
+        for name, values in (("pair_id", [p.pair_id for p in new]), ("fixed", [p.fixed for p in new]),
+                             ("moving", [p.moving for p in new])):
+            grow(name, (n,))[n_old:] = np.array(values, dtype=object)
+        for name in STRING_VARS + FLOAT_VARS + INT_VARS:
+            grow(name, (n,))
+    if new_labels:
+        grow("label", (len(all_labels),))[len(layout.labels):] = np.asarray(new_labels, "int32")
+    for name in LABEL_VARS:
+        grow(name, (n, len(all_labels)))
+    if levels > layout.n_levels:
+        grow("level", (levels,))[...] = np.arange(levels, dtype="int32")
+    for name in LEVEL_VARS + LEVEL_INT_VARS:
+        grow(name, (n, levels))
+    if layout.stacked:
+        disp = root["displacement"]
+        grow("displacement", (n,) + tuple(disp.shape[1:]))
+        if "warped_labels" in root:
+            grow("warped_labels", (n,) + tuple(root["warped_labels"].shape[1:]))
+    else:
+        for p, grid in grids.items():
+            _make_pair_fields(root, p, grid, moving_has_labels)
+    root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": levels, "labels": all_labels})
+    if new:
+        append_pairs(new, frozen, start=n_old)  # the log grows last: a pair is in the table once its arrays exist
     return read_layout(path)
 
 

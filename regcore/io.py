@@ -17,6 +17,7 @@ import torch
 from .errors import InputError
 from .grid import Grid
 from .image import Image
+from .integrity import check_file, check_finite
 
 __all__ = [
     "read_image",
@@ -112,12 +113,19 @@ def read_image(
         dtype: tensor dtype (``None`` keeps the file's pixel type, e.g. for label maps).
         scalar: average multi-component pixels to one channel (RGB PNG/JPEG).
 
+    Besides SimpleITK's own checks, the file is checked by :mod:`regcore.integrity`: voxel data
+    shorter than the header declares (NIfTI, MetaImage, NRRD; SimpleITK pads a cut NIfTI file with
+    zeros) and NaN or infinite voxels (SimpleITK's NIfTI reader silently turns them into 0, so
+    float NIfTI files are scanned as stored; float data of every format is scanned once read).
+
     Raises:
-        InputError: the path does not exist, SimpleITK cannot read it, or it is not 2D/3D.
+        InputError: the path does not exist, SimpleITK cannot read it, the file is truncated or
+            corrupt, it holds NaN or infinite voxels, or it is not 2D/3D.
     """
     p = _check_path(path)
     if p.is_dir():
         return read_dicom_series(p, dtype=dtype, scalar=scalar)
+    check_file(p)
     try:
         img = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -125,6 +133,7 @@ def read_image(
         raise InputError(f"image {str(p)!r}: cannot be read by SimpleITK ({first})") from exc
     if img.GetDimension() not in (2, 3):
         raise InputError(f"image {str(p)!r}: only 2D and 3D images are supported, got {img.GetDimension()}D {img.GetSize()}")
+    check_finite(sitk.GetArrayViewFromImage(img), p)
     return image_from_sitk(img, dtype=dtype, scalar=scalar)
 
 
@@ -147,6 +156,7 @@ def read_dicom_series(
         img = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"DICOM folder {str(p)!r}: series {series_id} cannot be read ({exc})") from exc
+    check_finite(sitk.GetArrayViewFromImage(img), p, "DICOM folder")
     return image_from_sitk(img, dtype=dtype, scalar=scalar)
 
 

@@ -13,7 +13,7 @@ from conftest import FAST_METHOD, make_image
 from pipeline.analysis import open_results, summary_table, verify_pair, worst_pairs
 from pipeline.ingest import ingest
 from pipeline.manifest import Subject, read_manifest
-from pipeline.pairs import make_pairs
+from pipeline.pairs import make_pairs, read_pairs
 from pipeline.runner import plan_pairs
 from pipeline.store import read_field, read_warped_labels
 from pipeline.task import register_pair
@@ -154,12 +154,29 @@ def test_task_writes_field_metrics_and_checksum(ingested):
     assert not verify_pair(store, 0)
 
 
-def test_frozen_pair_table_refuses_another(ingested):
-    store, subs = ingested
-    pairs = make_pairs(subs, "atlas", atlas="atlas")[:2]
-    plan_pairs(store, pairs, method_config(FAST_METHOD))
-    with pytest.raises(InputError, match="another pair table"):
-        plan_pairs(store, make_pairs(subs, "all"), method_config(FAST_METHOD))
+def test_pair_table_is_an_append_only_log(tmp_path, demo_cohort):
+    subs = read_manifest(demo_cohort)
+    store = tmp_path / "s.zarr"
+    ingest(subs, store)
+    first = make_pairs(subs, "atlas", atlas="atlas")[:2]
+    assert plan_pairs(store, first, method_config(FAST_METHOD)) == ([0, 1], [])
+    assert register_pair(store, 0, FAST_METHOD)["status"] == "complete"
+    checksum = str(open_results(store)["checksum"].values[0])
+    # a larger table (every ordered pair) extends the store: old rows keep their index and result
+    grown = make_pairs(subs, "all")
+    todo, skip = plan_pairs(store, grown, method_config(FAST_METHOD))
+    assert skip == [0] and sorted(todo) == list(range(1, len(grown)))
+    assert read_pairs(store / "pairs.csv")[:2] == first and len(read_pairs(store / "pairs.csv")) == len(grown)
+    ds = open_results(store)
+    assert ds.sizes["pair"] == len(grown) and ds["displacement"].shape[0] == len(grown)
+    assert str(ds["checksum"].values[0]) == checksum and verify_pair(store, 0)
+    assert [str(v) for v in ds["status"].values[:2]] == ["complete", ""]
+    # a table that lacks pairs of the store is refused unless asked for
+    with pytest.raises(InputError, match="lacks") as err:
+        plan_pairs(store, first[:1], method_config(FAST_METHOD))
+    assert "--allow-removed" in str(err.value)
+    assert plan_pairs(store, first[:1], method_config(FAST_METHOD), allow_removed=True) == ([], [0])
+    assert len(read_pairs(store / "pairs.csv")) == len(grown)  # nothing dropped
 
 
 def test_unstacked_fields_when_fixed_grids_differ(tmp_path):
