@@ -3,6 +3,7 @@ concurrency, a worker killed mid-pair, GPU resource annotation."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -168,6 +169,11 @@ def test_worker_killed_mid_pair(tmp_path, demo_cohort):
         summary = run_pairs(client, store, pairs, FAST_METHOD, retries=0)
         assert summary.failed == [victim] and len(summary.complete) == 7
         assert "task lost" in summary.errors[victim] and "KilledWorker" in summary.errors[victim]
+        # the run log names the pair, the worker that ran it and how its process ended
+        events = [json.loads(line) for line in open(summary.log_path)]
+        lost = [e for e in events if e["event"] == "worker_lost"]
+        assert len(lost) == 1 and lost[0]["pair_id"] == pairs[victim].pair_id
+        assert lost[0]["worker"].startswith("tcp://") and "exited with status 1" in lost[0]["death"]
         ds = open_results(store)
         assert str(ds["status"].values[victim]) == "failed"
         assert all(verify_pair(store, i) for i in range(8) if i != victim)
