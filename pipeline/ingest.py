@@ -35,7 +35,8 @@ from regcore.pyramid import downsample
 from .manifest import Subject
 from .zarrio import grid_attrs, level_name, write_image_array
 
-__all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint", "source_files"]
+__all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint", "source_files",
+           "ingested_subjects"]
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +242,15 @@ def ingest(subjects: Sequence[Subject], store: str | Path, client: Any = None, f
                              key=[f"ingest-{k}-{token}" for k in keys])
         results = client.gather(futures)
     return IngestReport(list(results))
+
+
+def ingested_subjects(store: str | Path) -> list[Subject]:
+    """The subjects already ingested in ``store`` (their recorded names, sessions and sources)."""
+    root = zarr.open_group(str(store), mode="r", zarr_format=3) if Path(store).exists() else None
+    if root is None or "images" not in root:
+        raise InputError(f"store {str(store)!r}: nothing ingested; pass --manifest")
+    out = []
+    for key, g in sorted(root["images"].groups()):
+        a = dict(g.attrs)
+        out.append(Subject(a.get("subject", key), Path(a.get("source", "")), session=a.get("session", "")))
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -89,6 +90,12 @@ def _recorded(store: str | Path, index: int, name: str) -> str:
     with contextlib.suppress(Exception):
         return str(zarr.open_group(str(store), mode="r", zarr_format=3)[name][index])
     return ""
+
+
+def _worker_in(message: str) -> str:
+    """The last worker address a Dask error message names (``KilledWorker`` names it), or ``""``."""
+    found = re.findall(r"(?:tcp|tls|inproc|ucx)://[\w.\-\[\]:/]+", message)
+    return found[-1].rstrip(".") if found else ""
 
 
 def _running(store: str | Path, indices: Any) -> int:
@@ -266,7 +273,7 @@ def run_pairs(
                     except Exception as exc:  # the task never finished: a dead worker, a lost task, a store failure
                         msg = f"{pairs[i].pair_id}: task lost ({type(exc).__name__}: {exc})"
                         log.error(msg)
-                        worker = _recorded(store, i, "worker")
+                        worker = _recorded(store, i, "worker") or _worker_in(str(exc))
                         event("worker_lost", index=i, pair_id=pairs[i].pair_id, worker=worker,
                               death=deaths.last() or "unknown (no local nanny reported it)",
                               error=f"{type(exc).__name__}: {exc}")

@@ -41,7 +41,7 @@ from .zarrio import COMPRESSOR, grid_attrs, grid_from_attrs
 __all__ = [
     "STRING_VARS", "FLOAT_VARS", "INT_VARS", "LABEL_VARS", "LEVEL_VARS", "CHECKSUM_VARS",
     "StoreLayout", "init_results", "read_layout", "PairWriter", "pair_checksum", "read_field",
-    "read_warped_labels", "read_status", "mark_failed", "field_path", "read_values",
+    "read_warped_labels", "read_status", "mark_failed", "field_path", "read_values", "stored_attrs",
 ]
 
 # per-pair variables (dimension "pair")
@@ -254,6 +254,13 @@ def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_g
     return read_layout(path)
 
 
+def stored_attrs(store: str | Path) -> dict[str, Any]:
+    """The root attributes of a store that holds results (method config, pairing, ...); {} if none."""
+    if not (Path(store) / "pairs.csv").exists():
+        return {}
+    return dict(_root(store, "r").attrs)
+
+
 def read_layout(store: str | Path) -> StoreLayout:
     """The layout of an initialised store."""
     path = Path(store)
@@ -340,11 +347,11 @@ class PairWriter:
 
     def begin(self, **strings: str) -> None:
         """Invalidate any earlier result of this pair (status ``running``) and record who runs it."""
+        for name, value in strings.items():  # who runs it first: a death right after "running" still names the worker
+            self.root[name][self.index] = value
         self.root["status"][self.index] = "running"
         self.root["config_hash"][self.index] = ""
         self.root["checksum"][self.index] = ""
-        for name, value in strings.items():
-            self.root[name][self.index] = value
 
     def write_field(self, field: np.ndarray, warped_labels: np.ndarray | None) -> None:
         disp, labs = self._field_arrays()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.analysis import open_results
-from pipeline.cli import main as cohortreg
+from cohortreg.cli import main as cohortreg
 from pipeline.store import read_field
 from regcore import read_image
 from regcore.evaluation import mean_dice

@@ -19,7 +19,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 import test_pipeline_cluster as this_module
 from conftest import FAST_METHOD, make_image
 from pipeline.analysis import open_results, verify_pair
-from pipeline.cli import main as cohortreg
+from cohortreg.cli import main as cohortreg
 from pipeline.ingest import ingest
 from pipeline.manifest import Subject, read_manifest, write_manifest
 from pipeline.pairs import make_pairs

@@ -16,7 +16,7 @@ import zarr
 
 from conftest import ROOT
 from pipeline.analysis import open_results
-from pipeline.cli import main as cohortreg
+from cohortreg.cli import main as cohortreg
 from pipeline.lock import LOCK_NAME, read_lock
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.pairs import read_pairs
@@ -110,7 +110,7 @@ def test_verify_finds_a_chunk_altered_on_disk(tmp_path, demo_cohort, local_clien
 
 
 def test_bad_input_exits_2_before_any_cluster(tmp_path, demo_cohort, monkeypatch, capsys):
-    import pipeline.cli as cli
+    import cohortreg.cli as cli
 
     def no_cluster(args):
         raise AssertionError("a cluster was started for a bad input")
@@ -151,7 +151,7 @@ def test_ingest_exits_1_when_a_subject_failed(tmp_path, demo_cohort, local_clien
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    return [sys.executable, "-c", "import sys; from cohortreg.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
 def _env() -> dict[str, str]:

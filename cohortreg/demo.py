@@ -16,7 +16,6 @@ DEMO_METHOD = "affine"
 def run_demo(args: argparse.Namespace) -> int:
     """Build (once) the demo cohort under ``args.out``, run the atlas workflow, print Dice per subject."""
     from pipeline.analysis import _strings, open_results
-    from pipeline.cli import run_workflow
     from workflows.demo_cohort import make_demo_cohort
 
     out = Path(args.out)
@@ -25,13 +24,27 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"building the demo cohort ({args.subjects} subjects, {args.resolution:g} mm) in {out / 'cohort'}",
               file=sys.stderr)
         make_demo_cohort(out / "cohort", subjects=args.subjects, resolution=args.resolution)
-    run_args = argparse.Namespace(
-        store=str(out / "results.zarr"), manifest=str(manifest), workflow="atlas", pairs=None, atlas="atlas",
-        direction="to-atlas", pair_list=None, method=args.method or DEMO_METHOD, config=None, window=None, retries=1,
-        force=False, no_progress=args.no_progress, profile=args.profile, workers=args.workers, threads=args.threads,
-        address=args.address, cluster_config=args.cluster_config)
-    summary = run_workflow(run_args)
-    ds = open_results(run_args.store)
+    from cohortreg.cli import _Bar, _cluster
+    from pipeline.lock import StoreLock
+    from pipeline.manifest import read_manifest
+    from workflows import get_workflow
+
+    store = out / "results.zarr"
+    workflow = get_workflow("atlas")
+    plan = workflow.plan(store, subjects=read_manifest(manifest), method=args.method or DEMO_METHOD, atlas="atlas",
+                         direction="to-atlas")
+    with StoreLock(store):
+        handle = _cluster(args)
+        try:
+            bar = _Bar(len(plan.pairs), not args.no_progress)
+            try:
+                summary = workflow.run(plan, handle.client, gpu=handle.gpu, progress=bar,
+                                       on_ingest=lambda report: print(report.summary(), file=sys.stderr))
+            finally:
+                bar.close()
+        finally:
+            handle.close()
+    ds = open_results(store)
     ids = _strings(ds["moving"].values)
     status = _strings(ds["status"].values)
     before, after = ds["dice_before"].values, ds["dice_after"].values
@@ -42,6 +55,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if ok.any():
         print(f"{'mean':<10} {'':<9} {np.nanmean(before[ok]):>11.3f} {np.nanmean(after[ok]):>10.3f}")
     print(f"\n{summary.text()}")
-    print(f"results store: {run_args.store}  (python: pipeline.open_results(path); shell: cohortreg report {run_args.store})")
+    print(f"results store: {store}  (python: pipeline.open_results(path); shell: cohortreg report {store})")
     print(f"run log: {summary.log_path}")
     return 1 if summary.failed else 0

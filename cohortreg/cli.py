@@ -8,6 +8,7 @@
     cohortreg verify STORE                               # recompute every complete pair's checksum
     cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F]
     cohortreg apply STORE PAIR INPUT OUTPUT [--kind image|labels|points]
+    cohortreg template MANIFEST --out STORE [--iterations 3] # a groupwise template (resumable)
     cohortreg demo [--out DIR] [--subjects 8]            # the offline demo cohort, end to end
 
 Exit status: 0 success; 1 some pairs failed (their number is printed and logged), some subjects
@@ -22,12 +23,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from regcore import InfrastructureError, InputError, read_image, write_image
 from regcore.points import map_points, read_points
@@ -60,19 +59,6 @@ def _cluster(args: argparse.Namespace):
                            address=args.address)
     print(f"dask dashboard: {handle.dashboard_link}", file=sys.stderr)
     return handle
-
-
-def _subjects_from_store(store: str | Path):
-    from pipeline.manifest import Subject
-
-    root = zarr.open_group(str(store), mode="r", zarr_format=3)
-    if "images" not in root:
-        raise InputError(f"store {str(store)!r}: nothing ingested; pass --manifest")
-    out = []
-    for key, g in sorted(root["images"].groups()):
-        a = dict(g.attrs)
-        out.append(Subject(a.get("subject", key), Path(a.get("source", "")), session=a.get("session", "")))
-    return out
 
 
 class _Bar:
@@ -139,87 +125,26 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
-@dataclass
-class RunPlan:
-    """Everything a run needs that can be checked without a cluster."""
-
-    store: Path
-    workflow: Any
-    subjects: list | None   # from the manifest (to ingest first), or None: those already in the store
-    pairs: list
-    method: str | dict
-    overrides: Any
-    pairing: dict
-
-
-def _stored_attrs(store: Path) -> dict[str, Any]:
-    """The root attributes of a store that holds results ({} otherwise)."""
-    if not (store / "pairs.csv").exists():
-        return {}
-    return dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs)
-
-
-def plan_run(args: argparse.Namespace) -> RunPlan:
-    """Check the workflow, store, method config, manifest and pairing, and make the pair table,
-    before any cluster starts (a bad argument costs nothing).
-
-    Provenance: a rerun keeps the store's method unless ``--method`` is given (``--config`` alone
-    is merged over the store's recorded config), and its pairing rule and atlas unless new ones
-    are given; a manifest that grew adds pairs (see :func:`pipeline.store.init_results`).
-    """
+def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
+    """Plan (no cluster: a bad argument costs nothing), lock the store, ingest (if a manifest is
+    given) and run the workflow; the run's summary."""
     from pipeline.manifest import read_manifest
-    from pipeline.pairs import make_pairs, read_pairs
-    from regcore import method_config
     from workflows import get_workflow
 
     wf = get_workflow(args.workflow)
     store = _store_path(args.store)
-    stored = _stored_attrs(store)
-    if args.method:
-        method: str | dict = args.method
-    elif stored.get("config"):
-        method = stored["config"]
-    else:
-        method = wf.method
-    method_config(method, args.config)  # validated now, not after the cluster has started
-    old = stored.get("pairing") or {}
-    pairing = {"rule": args.pairs or old.get("rule") or wf.pairs,
-               "atlas": args.atlas or old.get("atlas"),
-               "direction": args.direction or old.get("direction") or wf.direction,
-               "pair_list": args.pair_list or old.get("pair_list")}
-    if args.manifest:
-        subjects = read_manifest(args.manifest)
-        pairs = make_pairs(subjects, pairing["rule"], atlas=pairing["atlas"], direction=pairing["direction"],
-                           pair_list=pairing["pair_list"])
-    else:
-        subjects = None
-        if stored and not old and not (args.pairs or args.atlas):  # a store from before pairings were recorded
-            pairs = read_pairs(store / "pairs.csv")
-        else:
-            pairs = make_pairs(_subjects_from_store(store), pairing["rule"], atlas=pairing["atlas"],
-                               direction=pairing["direction"], pair_list=pairing["pair_list"])
-    return RunPlan(store, wf, subjects, pairs, method, args.config, pairing)
-
-
-def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
-    """Plan (no cluster), lock the store, ingest (if a manifest is given) and run; the summary."""
-    from pipeline.ingest import ingest
-    from pipeline.runner import run_pairs
-
-    plan = plan_run(args)
-    with _lock(plan.store, args):
+    plan = wf.plan(store, subjects=read_manifest(args.manifest) if args.manifest else None, method=args.method,
+                   config=args.config, pairs=args.pairs, atlas=args.atlas, direction=args.direction,
+                   pair_list=args.pair_list)
+    with _lock(store, args):
         own = handle is None
         handle = handle or _cluster(args)
         try:
-            if plan.subjects is not None:
-                report = ingest(plan.subjects, plan.store, handle.client)
-                print(report.summary(), file=sys.stderr)
             bar = _Bar(len(plan.pairs), not args.no_progress)
             try:
-                summary = run_pairs(handle.client, plan.store, plan.pairs, plan.method, plan.overrides,
-                                    window=args.window, retries=args.retries, gpu=handle.gpu, force=args.force,
-                                    progress=bar, root_attrs={"workflow": plan.workflow.name, "pairing": plan.pairing},
-                                    allow_removed=getattr(args, "allow_removed", False))
+                summary = wf.run(plan, handle.client, force=args.force, window=args.window, retries=args.retries,
+                                 gpu=handle.gpu, progress=bar, allow_removed=getattr(args, "allow_removed", False),
+                                 on_ingest=lambda report: print(report.summary(), file=sys.stderr))
             finally:
                 bar.close()
         finally:
@@ -327,8 +252,37 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_template(args: argparse.Namespace) -> int:
+    from pipeline.manifest import read_manifest
+    from regcore import method_config
+    from workflows.template import build_template
+
+    store = _store_path(args.out)
+    subjects = read_manifest(args.manifest)
+    method_config(args.method, args.config)  # checked before the cluster starts
+    if args.initial and not Path(args.initial).is_file():
+        raise InputError(f"initial template {args.initial!r}: no such file")
+    with _lock(store, args):
+        handle = _cluster(args)
+        try:
+            result = build_template(subjects, store, handle.client, iterations=args.iterations, method=args.method,
+                                    initial=args.initial, step=args.step, sharpen=args.sharpen, config=args.config,
+                                    min_warp_mm=args.min_warp_mm)
+        finally:
+            handle.close()
+    print(f"{'iteration':>9} {'method':<12} {'mean warp mm':>12} {'NCC':>7} {'label Dice':>10} {'s':>7}")
+    for st in result.iterations:
+        print(f"{st.iteration:>9} {st.method:<12} {st.mean_warp_norm_mm:>12.3f} {st.mean_ncc_to_template:>7.4f} "
+              f"{st.mean_dice_to_template:>10.4f} {st.seconds:>7.1f}")
+    print(f"template: {result.path}")
+    failed = result.iterations[-1].failed
+    for key in failed:
+        print(f"  not in the last iteration (registration failed): {key}")
+    return 1 if failed else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from cohortreg.demo import run_demo
 
     return run_demo(args)
 
@@ -396,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--kind", choices=("image", "labels", "points"), default="image")
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("template", help="build a groupwise template of a manifest's subjects (resumable)")
+    p.add_argument("manifest")
+    p.add_argument("--out", required=True, help="template store (a directory)")
+    p.add_argument("--iterations", type=int, default=3, help="deformable iterations after the affine one")
+    p.add_argument("--method", default="affine+syn")
+    p.add_argument("--config", help="YAML overrides deep-merged over the method")
+    p.add_argument("--initial", help="reference image of iteration 0 (default: the subject nearest the mean geometry)")
+    p.add_argument("--step", type=float, default=0.25, help="shape-update step (0, 0.25]")
+    p.add_argument("--sharpen", type=float, default=0.5, help="unsharp-mask amount per iteration (0: none)")
+    p.add_argument("--min-warp-mm", type=float, default=0.0, help="stop once the mean warp is below this (mm)")
+    p.add_argument("--force-unlock", action="store_true", help="remove the store's lock first")
+    _add_cluster_args(p)
+    p.set_defaults(func=_cmd_template)
 
     p = sub.add_parser("demo", help="build the offline demo cohort (MNI152 + random diffeomorphisms) and run it")
     p.add_argument("--out", default="cohortreg-demo", help="folder for the cohort and the store")
