@@ -8,6 +8,7 @@
     cohortreg verify STORE                               # recompute every complete pair's checksum
     cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F]
     cohortreg apply STORE PAIR INPUT OUTPUT [--kind image|labels|points]
+    cohortreg export STORE OUT [--format itk|ants|bids] [--inverse]  # transforms as files
     cohortreg template MANIFEST --out STORE [--iterations 3] # a groupwise template (resumable)
     cohortreg demo [--out DIR] [--subjects 8]            # the offline demo cohort, end to end
 
@@ -252,6 +253,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_store
+
+    pairs = [int(p) if p.isdigit() else p for p in args.pair] if args.pair else None
+    paths = export_store(args.store, args.out, fmt=args.format, inverse=args.inverse, pairs=pairs)
+    print(f"{len(paths)} files written under {args.out} ({args.format}{', with inverses' if args.inverse else ''})")
+    return 0
+
+
 def _cmd_template(args: argparse.Namespace) -> int:
     from pipeline.manifest import read_manifest
     from regcore import method_config
@@ -350,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--kind", choices=("image", "labels", "points"), default="image")
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("export", help="write every complete pair's transform as ITK / ANTs / BIDS-derivatives files")
+    p.add_argument("store")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--format", choices=("itk", "ants", "bids"), default="itk")
+    p.add_argument("--inverse", action="store_true", help="also the inverse transforms (moving -> fixed)")
+    p.add_argument("--pair", action="append", help="only this pair (index or id); repeatable")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("template", help="build a groupwise template of a manifest's subjects (resumable)")
     p.add_argument("manifest")

@@ -28,6 +28,7 @@ __all__ = [
     "displacement_transform",
     "write_displacement",
     "read_displacement",
+    "write_field_transform",
 ]
 
 
@@ -115,3 +116,12 @@ def read_displacement(path: str | Path) -> Image:
     if img.channels != img.ndim:
         raise InputError(f"displacement {str(path)!r}: has {img.channels} components, expected {img.ndim}")
     return img
+
+
+def write_field_transform(displacement: Image, path: str | Path) -> Path:
+    """Write the field as an ITK transform file (``.h5``: an HDF5 ``DisplacementFieldTransform``,
+    what fMRIPrep's ``*_xfm.h5`` hold), read by ``sitk.ReadTransform`` and ``antsApplyTransforms``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(displacement_transform(displacement), str(p))
+    return p

@@ -22,6 +22,7 @@ __all__ = [
     "world_gradient",
     "compose_first_order",
     "invert_displacement",
+    "invert_onto",
     "resize_field",
     "FieldSampler",
 ]
@@ -177,6 +178,29 @@ def invert_displacement(u: torch.Tensor, grid: Grid, iterations: int = 20, tol_v
         if change <= tol:
             break
     return v
+
+
+def invert_onto(u: torch.Tensor, source: Grid, target: Grid, iterations: int = 50,
+                tol_vox: float = 0.001) -> torch.Tensor:
+    """The inverse of ``T(x) = x + u(x)`` (``u`` on ``source``, mm) as a field on another grid:
+    ``w(y) = -u(y + w(y))`` for the voxel centres ``y`` of ``target``, so ``T(y + w(y)) = y``.
+
+    This is how a registration's backward field (fixed grid, fixed -> moving) becomes the
+    moving -> fixed transform on the moving grid (what resampling the fixed image onto the
+    moving image needs). Fixed-point iteration from ``-u(y)``; stops when the mean change is below
+    ``tol_vox`` voxels of ``target``. Where ``y + w(y)`` leaves ``source`` the field is clamped
+    (no inverse is known there). Returns ``(D, *target.shape)``.
+    """
+    sampler = FieldSampler(source, target, device=u.device, dtype=u.dtype)
+    w = -sampler.sample(u, None, padding="border")[0]
+    tol = tol_vox * min(target.spacing)
+    for _ in range(iterations):
+        new = -sampler.sample(u, w, padding="border")[0]
+        change = float(((new - w) ** 2).sum(0).sqrt().mean())
+        w = new
+        if change <= tol:
+            break
+    return w
 
 
 def resize_field(u: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
