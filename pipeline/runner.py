@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import zarr
 
 from regcore import InputError, method_config
-from regcore.config import MethodConfig, config_hash
+from regcore.config import MethodConfig, config_hash, legacy_config_hash
 
 from .pairs import Pair
 from .store import init_results, mark_failed, read_layout, read_status
@@ -173,7 +173,7 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
     labels = sorted({int(v) for p in pairs for k in (p.fixed, p.moving) if k in ok for v in ok[k].get("labels", [])})
     moving_labels = any(ok.get(p.moving, {}).get("labels") and ok.get(p.fixed, {}).get("labels") for p in pairs)
     n_levels = sum(stage.pyramid.n_levels for stage in cfg.stages)
-    chash = config_hash(cfg)
+    chash, legacy = config_hash(cfg), legacy_config_hash(cfg)  # legacy: stores hashed before defaults were
     config = json.loads(cfg.model_dump_json())
     attrs = {"method": cfg.name, "config": config, "config_hash": chash, "configs": {chash: config},
              "versions": package_versions(), **(root_attrs or {})}
@@ -185,7 +185,7 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
         i = index[p]
         expected = (inputs_hash(ok[p.fixed]["content_sha256"], ok[p.moving]["content_sha256"])
                     if p.fixed in ok and p.moving in ok else None)
-        done = (state["status"][i] == "complete" and state["config_hash"][i] == chash
+        done = (state["status"][i] == "complete" and state["config_hash"][i] in (chash, legacy)
                 and expected is not None and state["inputs_hash"][i] == expected)
         (skip if done and not force else todo).append(i)
     return todo, skip

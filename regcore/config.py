@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -29,6 +30,8 @@ __all__ = [
     "deep_merge",
     "load_yaml",
     "validate_config",
+    "canonical_config",
+    "legacy_config_hash",
 ]
 
 MEASURES = ("mse", "ncc", "lncc", "lcc", "ssim", "mi", "nmi", "ngf")
@@ -284,8 +287,43 @@ def validate_config(data: dict | MethodConfig, source: str = "config") -> Method
         raise InputError(f"{source}: invalid method configuration:\n{exc}") from exc
 
 
+def _defaults(component: Any) -> dict[str, Any]:
+    """The keyword defaults of a component's constructor (or function)."""
+    out: dict[str, Any] = {}
+    for name, p in inspect.signature(component).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        out[name] = p.default
+    return out
+
+
+def canonical_config(config: MethodConfig) -> dict:
+    """The config as hashed: its JSON dump with every measure's and regulariser's params completed
+    by the defaults of its registered class, so that ``lncc {}`` and ``lncc {window: <default>}``
+    are one config. (Optimiser params are hashed as given: a torch release that adds an option
+    must not change the hash of every stored result.)"""
+    from .losses import LOSSES
+    from .regularizers.modules import REGULARIZERS as REGULARIZER_CLASSES
+
+    data = config.model_dump(mode="json")
+    for stage in data["stages"]:
+        for term in stage.get("objective") or []:
+            term["params"] = {**_defaults(LOSSES[term["measure"]]), **term["params"]}
+        for reg in stage.get("regularizers") or []:
+            reg["params"] = {**_defaults(REGULARIZER_CLASSES[reg["name"]]), **reg["params"]}
+    return json.loads(json.dumps(data, default=str))
+
+
 def config_hash(config: MethodConfig) -> str:
-    """Canonical hash (16 hex digits) of a validated config: equal configs, equal hashes."""
+    """Canonical hash (16 hex digits) of a validated config, over :func:`canonical_config`: equal
+    configs (params given or left to their defaults), equal hashes."""
+    text = json.dumps(canonical_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def legacy_config_hash(config: MethodConfig) -> str:
+    """The hash stores written before :func:`canonical_config` hold (params as given): a pair
+    complete under it counts as complete with the same config (upgrading reruns nothing)."""
     text = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -264,3 +264,21 @@ def test_local_gpu_profile_gives_each_worker_its_own_device(monkeypatch):
         assert handle.gpu
     finally:
         handle.close()
+
+
+def test_pairs_hashed_before_params_defaults_count_as_complete(tmp_path, demo_cohort):
+    """Stores written when the config hash covered params as given keep their complete pairs."""
+    from regcore.config import config_hash, legacy_config_hash
+
+    subs = read_manifest(demo_cohort)[:3]
+    store = tmp_path / "s.zarr"
+    ingest(subs, store)
+    pairs = make_pairs(subs, "atlas", atlas="atlas")
+    cfg = method_config(FAST_METHOD)
+    plan_pairs(store, pairs, cfg)
+    assert register_pair(store, 0, FAST_METHOD)["status"] == "complete"
+    assert legacy_config_hash(cfg) != config_hash(cfg)
+    zarr.open_group(str(store), mode="r+")["config_hash"][0] = legacy_config_hash(cfg)  # as an old run wrote it
+    assert plan_pairs(store, pairs, cfg) == ([1], [0])
+    zarr.open_group(str(store), mode="r+")["config_hash"][0] = "0123456789abcdef"  # another config: rerun
+    assert plan_pairs(store, pairs, cfg) == ([0, 1], [])

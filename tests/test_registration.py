@@ -214,11 +214,11 @@ def test_config_hash_of_factor_pyramids_is_unchanged():
     """The dump leaves out the pyramid spelling not in use: configs that give factors hash as they
     did before spacing_mm existed (stores keep skipping their complete pairs), and the dump
     validates back to the same config."""
-    from regcore.config import validate_config
+    from regcore.config import legacy_config_hash, validate_config
 
     rigid = method_config("rigid")
     assert "spacing_mm" not in rigid.model_dump()["stages"][0]["pyramid"]
-    assert config_hash(rigid) == "dbf3d675589f489d"  # as computed at 24ee06f, before spacing_mm
+    assert legacy_config_hash(rigid) == "dbf3d675589f489d"  # as computed at 24ee06f, before spacing_mm
     svf = method_config("svf")
     assert "factors" not in svf.model_dump()["stages"][0]["pyramid"]
     assert config_hash(validate_config(svf.model_dump(mode="json"))) == config_hash(svf)
@@ -312,3 +312,13 @@ def test_precomputed_pyramid_levels_are_used_and_match():
     bad = {2.0: levels_f[2.0], 4.0: Image(levels_f[4.0].data.flip(-1), levels_f[4.0].grid)}
     other = register(fixed, moving, cfg, fixed_levels=bad, moving_levels=levels_m)
     assert not torch.allclose(other.transform.matrix(), ref.transform.matrix(), atol=1e-3)
+
+
+def test_config_hash_covers_params_after_their_defaults():
+    from regcore.config import canonical_config
+
+    implicit = method_config("svf", {"stages": [{"objective": [{"measure": "lncc", "params": {}}]}]})
+    explicit = method_config("svf", {"stages": [{"objective": [{"measure": "lncc", "params": {"window": 9}}]}]})
+    other = method_config("svf", {"stages": [{"objective": [{"measure": "lncc", "params": {"window": 7}}]}]})
+    assert config_hash(implicit) == config_hash(explicit) != config_hash(other)
+    assert canonical_config(implicit)["stages"][0]["objective"][0]["params"]["window"] == 9  # LNCCLoss's default
