@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import zarr
 
-from regcore import Image, InputError, register
+from regcore import Image, InfrastructureError, InputError, register
 from regcore.config import MethodConfig, config_hash
 from regcore.evaluation import dice_per_label
 from regcore.regularizers.functional import jacobian_stats
@@ -31,7 +31,7 @@ from regcore.points import map_points
 from .store import PairWriter, pair_checksum
 from .zarrio import level_name, read_image_array
 
-__all__ = ["register_pair", "load_subject", "pair_metrics", "inputs_hash", "worker_device"]
+__all__ = ["register_pair", "load_subject", "pair_metrics", "inputs_hash", "worker_device", "is_infrastructure_error"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,13 @@ def _level_values(result: Any) -> dict[str, list]:
     }
 
 
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """Failures of the machine, not of the pair: store I/O (``OSError``), memory (CUDA or host
+    out-of-memory), :class:`regcore.InfrastructureError`. A retry, elsewhere or later, may succeed."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, (InfrastructureError, OSError, MemoryError) + ((oom,) if oom else ()))
+
+
 def register_pair(store: str | Path, index: int, config: dict | MethodConfig, device: str | None = None) -> dict[str, Any]:
     """Register pair ``index`` of ``store`` with ``config`` (a full regcore method config).
 
@@ -194,7 +201,12 @@ def register_pair(store: str | Path, index: int, config: dict | MethodConfig, de
         with torch.no_grad():
             values, warped_labels = pair_metrics(fixed, moving, result.displacement, writer.layout.labels,
                                                  result.jacobian)
-    except Exception as exc:  # a bad pair is recorded, never raised (retrying cannot help it)
+    except Exception as exc:
+        if is_infrastructure_error(exc):  # raised: Dask retries the task; the runner records it once retries are spent
+            log.warning("pair %s: infrastructure error, left to Dask's retries: %s: %s", pair.pair_id,
+                        type(exc).__name__, exc)
+            raise
+        # a bad pair (input or registration) is recorded, never raised: retrying cannot help it
         msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
         log.warning("pair %s failed: %s", pair.pair_id, msg)
         writer.root["error"][index] = f"{pair.pair_id}: {msg}"

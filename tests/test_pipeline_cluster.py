@@ -206,3 +206,47 @@ def test_gpu_resource_one_pair_per_worker(tmp_path, demo_cohort):
             assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), spans
     finally:
         handle.close()
+
+
+class FailOnceOnWrite(WorkerPlugin):
+    """Test-only fault injection: the first field write of the run raises OSError (a store hiccup)."""
+
+    name = "fail-once-on-write"
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def setup(self, worker):
+        from pipeline import store as store_module
+
+        original = store_module.PairWriter.write_field
+        marker = self.marker
+
+        def write_field(self, field, warped_labels):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one failure, cluster-wide
+            except FileExistsError:
+                return original(self, field, warped_labels)
+            os.close(fd)
+            raise OSError("injected: the store refused a write")
+
+        store_module.PairWriter.write_field = write_field
+
+
+def test_store_write_error_is_retried_by_dask(tmp_path, demo_cohort):
+    from cluster.profiles import start_cluster
+
+    subjects = read_manifest(demo_cohort)[:4]
+    store = tmp_path / "cohort.zarr"
+    pairs = make_pairs(subjects, "atlas", atlas="atlas")
+    handle = start_cluster("local", workers=1, threads=1)
+    try:
+        ingest(subjects, store, handle.client)
+        marker = tmp_path / "failed-once"
+        handle.client.register_plugin(FailOnceOnWrite(str(marker)))
+        summary = run_pairs(handle.client, store, pairs, FAST_METHOD, retries=1)
+        assert marker.exists()  # the fault happened
+        assert summary.failed == [] and len(summary.complete) == 3  # and the retry completed the pair
+        assert all(verify_pair(store, i) for i in range(3))
+    finally:
+        handle.close()

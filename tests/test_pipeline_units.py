@@ -282,3 +282,25 @@ def test_pairs_hashed_before_params_defaults_count_as_complete(tmp_path, demo_co
     assert plan_pairs(store, pairs, cfg) == ([1], [0])
     zarr.open_group(str(store), mode="r+")["config_hash"][0] = "0123456789abcdef"  # another config: rerun
     assert plan_pairs(store, pairs, cfg) == ([0, 1], [])
+
+
+def test_infrastructure_errors_reach_dask_and_pair_errors_are_recorded(ingested, monkeypatch):
+    """A store read failure or out-of-memory is raised (Dask retries it); a bad pair is recorded."""
+    import pipeline.task as task
+
+    store, subs = ingested
+    pairs = make_pairs(subs, "atlas", atlas="atlas")[:2]
+    plan_pairs(store, pairs, method_config(FAST_METHOD))
+    for exc in (OSError("store unreachable"), MemoryError("host out of memory"),
+                torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        def broken(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(task, "register", broken)
+        with pytest.raises(type(exc)):
+            register_pair(store, 1, FAST_METHOD)
+        assert str(open_results(store)["status"].values[1]) == "running"  # not failed: a rerun redoes it
+    monkeypatch.setattr(task, "register", lambda *a, **k: (_ for _ in ()).throw(ValueError("no overlap")))
+    res = register_pair(store, 1, FAST_METHOD)
+    assert res["status"] == "failed" and "ValueError: no overlap" in res["error"]
+    assert str(open_results(store)["status"].values[1]) == "failed"
