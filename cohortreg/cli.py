@@ -29,9 +29,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from regcore import InfrastructureError, InputError, read_image, write_image
+from regcore import Image, InfrastructureError, InputError, read_image, write_image
 from regcore.points import map_points, read_points
-from regcore.sampling import sample_world
+from regcore.pair_metrics import warp
 
 __all__ = ["main", "build_parser"]
 
@@ -235,7 +235,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from pipeline.store import read_field
 
     field = read_field(args.store, int(args.pair) if args.pair.isdigit() else args.pair)
-    pts = field.grid.world_points(dtype=torch.float64) + torch.movedim(field.data.double(), 0, -1)
     if args.kind == "points":
         points = read_points(args.input, None)
         mapped = map_points(points, field)
@@ -243,11 +242,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"{len(mapped)} fixed-space points mapped into moving space (mm): {args.output}")
         return 0
     image = read_image(args.input, dtype=None if args.kind == "labels" else torch.float32)
-    mode = "nearest" if args.kind == "labels" else "linear"
-    data = sample_world(image.to(dtype=torch.float64) if args.kind == "labels" else image, pts, mode=mode)
-    from regcore import Image
-
-    out = Image(data.round().to(torch.int32) if args.kind == "labels" else data, field.grid)
+    if args.kind == "labels":
+        out = warp(Image(image.data.to(torch.int64), image.grid), field, mode="nearest")
+        out = Image(out.data.to(torch.int32), out.grid)
+    else:
+        out = warp(image, field)
     write_image(out, args.output)
     print(f"{args.kind} warped onto the fixed grid of pair {args.pair}: {args.output}")
     return 0

@@ -23,10 +23,7 @@ import zarr
 
 from regcore import Image, InfrastructureError, InputError, register
 from regcore.config import MethodConfig, config_hash
-from regcore.evaluation import dice_per_label
-from regcore.regularizers.functional import jacobian_stats
-from regcore.sampling import sample_world
-from regcore.points import map_points
+from regcore.pair_metrics import evaluate_pair
 
 from .store import PairWriter, pair_checksum
 from .zarrio import level_name, read_image_array
@@ -87,70 +84,14 @@ def inputs_hash(fixed_sha: str, moving_sha: str) -> str:
     return hashlib.sha256(f"{fixed_sha}:{moving_sha}".encode()).hexdigest()
 
 
-def _ncc(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    den = float(torch.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
 def pair_metrics(fixed: dict[str, Any], moving: dict[str, Any], displacement: Image, labels: list[int],
                  jacobian: Image | None) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Before (identity in world space) and after (``x + u(x)``) metrics of a pair.
-
-    Returns the values for the store and the warped moving labels (``(*spatial)`` int32) or None.
-    Intensity metrics use voxels whose sample falls inside the moving image in both cases.
-    """
-    fimg: Image = fixed["image"]
-    mimg: Image = moving["image"]
-    grid = fimg.grid
-    dev = displacement.data.device
-    identity = grid.world_points(dtype=torch.float64).to(dev)
-    mapped = identity + torch.movedim(displacement.data.to(torch.float64), 0, -1)
-    mdata = mimg.to(dev)
-    ones = Image(torch.ones_like(mdata.data[:1]), mimg.grid)
-    inside = (sample_world(ones, identity)[0] > 0.999) & (sample_world(ones, mapped)[0] > 0.999)
-    f = fimg.data[0].to(dev)[inside]
-    before = sample_world(mdata, identity)[0][inside]
-    after = sample_world(mdata, mapped)[0][inside]
-    values: dict[str, Any] = {
-        "mse_before": float(((f - before) ** 2).double().mean()) if f.numel() else float("nan"),
-        "mse_after": float(((f - after) ** 2).double().mean()) if f.numel() else float("nan"),
-        "ncc_before": _ncc(f, before) if f.numel() else float("nan"),
-        "ncc_after": _ncc(f, after) if f.numel() else float("nan"),
-    }
-    warped_labels = None
-    if fixed["labels"] is not None and moving["labels"] is not None:
-        flab = fixed["labels"].data.to(dev)
-        mlab = moving["labels"].to(dev)
-        lab_before = sample_world(mlab, identity, mode="nearest")
-        lab_after = sample_world(mlab, mapped, mode="nearest")
-        d_before = dice_per_label(flab, lab_before, labels)
-        d_after = dice_per_label(flab, lab_after, labels)
-        values["dice_label_before"] = [d_before[k] for k in labels]
-        values["dice_label_after"] = [d_after[k] for k in labels]
-        present = [k for k in labels if not np.isnan(d_before[k])]
-        values["dice_before"] = float(np.mean([d_before[k] for k in present])) if present else float("nan")
-        values["dice_after"] = float(np.mean([d_after[k] for k in present])) if present else float("nan")
-        warped_labels = lab_after[0].to(torch.int32).cpu().numpy()
-    if fixed["landmarks"] is not None and moving["landmarks"] is not None:
-        fp, mp = fixed["landmarks"], moving["landmarks"]
-        if fp.shape != mp.shape:
-            raise InputError(f"landmarks: fixed has {len(fp)} points, moving {len(mp)}; they must correspond")
-        tre_after = np.linalg.norm(map_points(fp, displacement.to(dev)) - mp, axis=1)
-        values["tre_before"] = float(np.linalg.norm(fp - mp, axis=1).mean())
-        values["tre_after"] = float(tre_after.mean())
-        values["tre_max_after"] = float(tre_after.max())
-    if jacobian is not None:
-        det = jacobian.data.double()
-        pos = det[det > 0]
-        values["jac_min"] = float(det.min())
-        values["jac_nonpositive"] = float((det <= 0).double().mean())
-        values["jac_std_log"] = float(pos.log().std(unbiased=False)) if pos.numel() else float("nan")
-    else:
-        direction = torch.as_tensor(grid.direction_matrix, dtype=torch.float64, device=dev)
-        st = jacobian_stats(displacement.data.to(torch.float64)[None], spacing=grid.spacing, direction=direction)
-        values["jac_min"], values["jac_nonpositive"], values["jac_std_log"] = st["min"], st["fraction_nonpositive"], st["std_log"]
-    return values, warped_labels
+    """The store's values of a registered pair (:func:`regcore.pair_metrics.evaluate_pair` on the
+    subjects loaded by :func:`load_subject`) and the warped moving labels (``(*spatial)`` int32)."""
+    metrics, warped = evaluate_pair(fixed["image"], moving["image"], displacement, fixed_labels=fixed["labels"],
+                                    moving_labels=moving["labels"], labels=labels, fixed_points=fixed["landmarks"],
+                                    moving_points=moving["landmarks"], jacobian=jacobian)
+    return metrics.values(), (warped.cpu().numpy() if warped is not None else None)
 
 
 def _level_values(result: Any) -> dict[str, list]:
