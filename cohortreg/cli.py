@@ -6,7 +6,7 @@
     cohortreg run STORE --manifest MANIFEST --workflow atlas --atlas KEY [--method affine+svf]
     cohortreg status STORE [--verify]                    # complete / failed / pending, errors
     cohortreg verify STORE                               # recompute every complete pair's checksum
-    cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F]
+    cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F] [--pair ID]
     cohortreg apply STORE PAIR INPUT OUTPUT [--kind image|labels|points]
     cohortreg export STORE OUT [--format itk|ants|bids] [--inverse]  # transforms as files
     cohortreg template MANIFEST --out STORE [--iterations 3] # a groupwise template (resumable)
@@ -209,6 +209,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from pipeline.analysis import open_results, summary_table, worst_pairs
+    from pipeline.report import flag_order, flag_pairs
 
     ds = open_results(args.store)
     table = summary_table(ds)
@@ -220,13 +221,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
             float_format=lambda v: f"{v:.4g}"))
         print(f"\nworst {args.worst} by {args.metric}:")
         print(worst_pairs(ds, args.metric, args.worst).to_string(float_format=lambda v: f"{v:.4g}"))
+    flags, stats = flag_pairs(table)
+    if stats:
+        order = flag_order(flags)
+        print(f"\nflagged as outliers (robust z): {len(order) or 'none'}")
+        for pid in order:
+            print(f"  {pid}: " + "; ".join(flags.loc[flags["pair_id"] == pid, "reason"]))
     if args.csv:
         table.to_csv(args.csv)
         print(f"table written to {args.csv}")
     if args.html:
         from pipeline.report import write_html_report
 
-        write_html_report(args.store, args.html, metric=args.metric, max_pairs=args.worst)
+        write_html_report(args.store, args.html, metric=args.metric, max_pairs=args.worst, pairs=args.pair)
         print(f"report written to {args.html}")
     return 0
 
@@ -344,12 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("report", help="summary table, worst pairs; optional CSV/HTML")
+    p = sub.add_parser("report", help="summary table, flagged and worst pairs; optional CSV, self-contained HTML")
     p.add_argument("store")
-    p.add_argument("--metric", default="dice_after")
-    p.add_argument("--worst", type=int, default=5)
-    p.add_argument("--csv")
-    p.add_argument("--html")
+    p.add_argument("--metric", default="dice_after", help="per-pair metric that ranks the worst pairs")
+    p.add_argument("--worst", type=int, default=5, help="how many worst pairs to list (and show in the HTML)")
+    p.add_argument("--pair", action="append", default=[], metavar="ID",
+                   help="also show this pair (id or index) in the HTML report; repeatable")
+    p.add_argument("--csv", help="write the summary table as CSV")
+    p.add_argument("--html", help="write one self-contained HTML report (flags, plots, pair slices)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("apply", help="apply a stored field to an image, a label map or fixed-space points")

@@ -1,4 +1,17 @@
-"""Analysis API over a results store: the Dataset, a summary table, the worst pairs, checks."""
+"""Analysis API over a results store: the Dataset, a summary table, the worst pairs, checks.
+
+The Dataset (:func:`open_results`) is the store as ``xarray.open_zarr`` reads it, made convenient:
+
+* every variable has ``units``/``description`` (and, for metrics, ``higher_is_better``) attributes
+  (:data:`pipeline.store.VAR_ATTRS`; filled in here for stores written before they were stored);
+* the string coordinates ``pair_id``, ``fixed``, ``moving``, ``component`` are numpy unicode arrays
+  (in memory), so ``ds.where(ds.moving == "sub-03", drop=True)``, ``ds.sel(pair=ds.pair_id == ...)``
+  and ``ds.set_index(pair="pair_id").sel(pair="sub-03--to--atlas")`` work; the other string variables
+  stay lazy as object arrays of ``str`` (compute a condition on them first:
+  ``ds.where((ds.status == "complete").compute(), drop=True)``);
+* a stacked store's field dimensions ``z``, ``y``, ``x`` get world coordinates in mm
+  (:func:`spatial_coords`).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +21,113 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-import zarr
 
-from regcore import InputError
+from regcore import Grid, InputError
 
-from .store import field_path, pair_checksum, read_layout, read_values
+from .store import VAR_ATTRS, field_path, open_root, pair_checksum, read_layout, read_values, var_attrs
+from .zarrio import grid_from_attrs
 
-__all__ = ["open_results", "summary_table", "worst_pairs", "verify_pair", "status_counts", "field_dataarray"]
+__all__ = ["open_results", "summary_table", "worst_pairs", "verify_pair", "status_counts", "field_dataarray",
+           "spatial_coords", "HIGHER_IS_BETTER"]
 
-# metrics where larger is better (worst = smallest); the others: worst = largest
-HIGHER_IS_BETTER = {"dice_after", "dice_before", "ncc_after", "ncc_before", "jac_min"}
+#: metrics where larger is better (worst = smallest); the others: worst = largest
+HIGHER_IS_BETTER = frozenset(name for name, (_, _, better) in VAR_ATTRS.items() if better)
+
+STRING_COORDS = ("pair_id", "fixed", "moving", "component")
+FIELD_VARS = ("displacement", "warped_labels")
+_WORLD_AXES = ("x", "y", "z")
+
+
+def _open_zarr(path: Path) -> xr.Dataset:
+    """``xarray.open_zarr`` of a group read from its nodes' own metadata (always current)."""
+    with warnings.catch_warnings():  # pairs.csv, logs/ and run.lock live beside the arrays
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        return xr.open_zarr(str(path), consolidated=False, zarr_format=3)
 
 
 def open_results(store: str | Path) -> xr.Dataset:
     """The results as one Dataset with a ``pair`` dimension (coordinates ``pair_id``, ``fixed``,
-    ``moving``), ``label`` and ``level`` dimensions, and lazily loaded fields when stacked."""
+    ``moving``), ``label`` and ``level`` dimensions, and lazily loaded fields when stacked (their
+    ``z``, ``y``, ``x`` with world coordinates in mm, see :func:`spatial_coords`). See the module
+    docstring for what the view adds to ``xarray.open_zarr``."""
     path = Path(store)
-    read_layout(path)  # clear error when there are no results
-    with warnings.catch_warnings():  # pairs.csv and logs/ live beside the arrays
-        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
-        ds = xr.open_zarr(str(path), consolidated=False, zarr_format=3)
-    coords = [c for c in ("pair_id", "fixed", "moving", "component") if c in ds.data_vars]
-    return ds.set_coords(coords)
+    layout = read_layout(path)  # clear error when there are no results
+    return _view(_open_zarr(path), layout.field_grid if layout.stacked else None)
+
+
+def _unicode(values: Any) -> np.ndarray:
+    """Strings (numpy StringDType or object) as a numpy unicode array (``<U..``)."""
+    return np.asarray(values).astype(object).astype(str)
+
+
+def _view(ds: xr.Dataset, grid: Grid | None) -> xr.Dataset:
+    """String coordinates in memory as unicode, other strings lazy as objects, attributes from
+    :data:`VAR_ATTRS` where the store lacks them, world coordinates for fields on ``grid``."""
+    ds = ds.set_coords([c for c in STRING_COORDS if c in ds.data_vars])
+    ds = ds.assign_coords({c: (ds[c].dims, _unicode(ds[c].values), ds[c].attrs)
+                           for c in STRING_COORDS if c in ds.coords})
+    for name in list(ds.data_vars):
+        if ds[name].dtype.kind == "T":  # numpy StringDType: xarray's where/concat cannot promote it
+            ds[name] = ds[name].astype(object)
+    for name, var in ds.variables.items():
+        for key, value in var_attrs(str(name)).items():
+            var.attrs.setdefault(key, value)
+    if grid is not None and any(v in ds for v in FIELD_VARS):
+        coords, attrs = spatial_coords(grid)
+        ds = ds.assign_coords({d: c for d, c in coords.items() if d in ds.dims})
+        for v in FIELD_VARS:
+            if v in ds:
+                ds[v].attrs.update(attrs)
+    return ds
+
+
+def _world_axes(direction: np.ndarray, atol: float = 1e-6) -> list[int] | None:
+    """The world axis each index axis runs along when ``direction`` is a signed permutation (to
+    ``atol``), else ``None``."""
+    out = []
+    for k in range(direction.shape[1]):
+        col = np.abs(direction[:, k])
+        w = int(np.argmax(col))
+        if abs(col[w] - 1.0) > atol or np.delete(col, w).max(initial=0.0) > atol:
+            return None
+        out.append(w)
+    return out if len(set(out)) == len(out) else None
+
+
+def spatial_coords(grid: Grid) -> tuple[dict[str, xr.Variable], dict[str, Any]]:
+    """Coordinates of the spatial dimensions (``[z,] y, x``, tensor order) of arrays on ``grid``,
+    and attributes for the variables on it.
+
+    When the direction matrix is axis-aligned (a signed permutation, e.g. LPS or RAS scans), each
+    dimension's coordinate is the world position (mm, LPS) that varies along it, with attributes
+    ``units="mm"`` and ``world_axis`` (``"x (LPS)"``: with a permuted direction, dimension ``x``
+    may run along world y). Otherwise the coordinates are voxel indices and the world positions
+    follow from the ``index_to_world`` attribute. The variable attributes always hold
+    ``index_to_world``: the homogeneous 4x4 (3x3 in 2D) matrix mapping the ITK index
+    ``(i_x, i_y[, i_z], 1)`` -- the array's spatial dimensions in reverse order -- to world mm.
+    """
+    d = grid.ndim
+    dims = ["z", "y", "x"][3 - d:]
+    worlds = _world_axes(grid.direction_matrix)
+    coords: dict[str, xr.Variable] = {}
+    for j, dim in enumerate(dims):
+        k = d - 1 - j  # the ITK index axis of this dimension
+        n = grid.size[k]
+        if worlds is None:
+            coords[dim] = xr.Variable(dim, np.arange(n), {
+                "description": f"voxel index along {dim} (the direction is oblique: world mm = index_to_world "
+                               "of the field variables)"})
+            continue
+        index = np.zeros((n, d))
+        index[:, k] = np.arange(n)
+        w = worlds[k]
+        coords[dim] = xr.Variable(dim, grid.index_points_to_world(index)[:, w], {
+            "units": "mm", "world_axis": f"{_WORLD_AXES[w]} (LPS)",
+            "description": f"world {_WORLD_AXES[w]} (mm, LPS) of the voxel centres along {dim}"})
+    attrs = {"index_to_world": grid.index_to_world().tolist(),
+             "index_to_world_input": "ITK index (" + ", ".join("ijk"[:d]) + ", 1) = array dims "
+                                     + ", ".join(reversed(dims)) + " (reversed)"}
+    return coords, attrs
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
@@ -77,7 +175,7 @@ def verify_pair(store: str | Path, pair: int | str) -> bool:
     """Recompute a complete pair's checksum from what the store holds; True if it matches."""
     layout = read_layout(store)
     i = layout.index(pair)
-    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    root = open_root(store, "r")
     if str(root["status"][i]) != "complete":
         raise InputError(f"pair {layout.pairs[i].pair_id}: not complete (status {str(root['status'][i])!r})")
     values = read_values(store, i)
@@ -92,10 +190,19 @@ def verify_pair(store: str | Path, pair: int | str) -> bool:
 
 
 def field_dataarray(store: str | Path, pair: int | str) -> xr.DataArray:
-    """One pair's field as a DataArray ``(component, [z,] y, x)`` with its geometry in ``attrs``."""
+    """One pair's field as a DataArray ``(component, [z,] y, x)`` (mm, components x, y, z LPS) with
+    world coordinates on its fixed grid (:func:`spatial_coords`) and its geometry in ``attrs``."""
     layout = read_layout(store)
     i = layout.index(pair)
     if layout.stacked:
         return open_results(store)["displacement"].isel(pair=i)
-    ds = xr.open_zarr(str(Path(store) / field_path(layout.pairs[i].pair_id)), consolidated=False, zarr_format=3)
-    return ds["displacement"]
+    ds = _open_zarr(Path(store) / field_path(layout.pairs[i].pair_id))
+    da = ds["displacement"]
+    grid = grid_from_attrs(da.attrs)
+    coords, attrs = spatial_coords(grid)
+    da = da.assign_coords({**coords, "component": ("component", np.array(list("xyz"[:grid.ndim])),
+                                                   var_attrs("component"))})
+    for key, value in var_attrs("displacement").items():
+        da.attrs.setdefault(key, value)
+    da.attrs.update(attrs)
+    return da

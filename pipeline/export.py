@@ -76,7 +76,7 @@ def export_store(store: str | Path, out: str | Path, fmt: str = "itk", inverse: 
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     layout = read_layout(store)
-    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
     status = [str(s) for s in root["status"][...]]
     images = {k: dict(g.attrs) for k, g in root["images"].groups()} if "images" in root else {}
     chosen = [layout.index(p) for p in pairs] if pairs is not None else list(range(len(layout.pairs)))
@@ -144,7 +144,7 @@ def _dataset_description(out: Path, store: str | Path) -> Path:
         ours = version("cohortreg")
     except PackageNotFoundError:  # pragma: no cover
         ours = "unknown"
-    attrs = dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs)
+    attrs = dict(zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False).attrs)
     desc = {"Name": "cohortreg registrations", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "cohortreg", "Version": ours,
                              "Description": f"method {attrs.get('method', '?')}, config hash "

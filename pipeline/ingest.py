@@ -46,7 +46,7 @@ INGEST_VERSION = 1
 
 def images_group(store: str | Path) -> zarr.Group:
     """The ``images`` group of a cohort store (created if needed)."""
-    root = zarr.open_group(str(store), mode="a", zarr_format=3)
+    root = zarr.open_group(str(store), mode="a", zarr_format=3, use_consolidated=False)
     return root.require_group("images")
 
 
@@ -246,7 +246,7 @@ def ingest(subjects: Sequence[Subject], store: str | Path, client: Any = None, f
 
 def ingested_subjects(store: str | Path) -> list[Subject]:
     """The subjects already ingested in ``store`` (their recorded names, sessions and sources)."""
-    root = zarr.open_group(str(store), mode="r", zarr_format=3) if Path(store).exists() else None
+    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False) if Path(store).exists() else None
     if root is None or "images" not in root:
         raise InputError(f"store {str(store)!r}: nothing ingested; pass --manifest")
     out = []

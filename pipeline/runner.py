@@ -29,7 +29,7 @@ from regcore import InputError, method_config
 from regcore.config import MethodConfig, config_hash, legacy_config_hash
 
 from .pairs import Pair
-from .store import init_results, mark_failed, read_layout, read_status
+from .store import consolidate, init_results, mark_failed, open_root, read_layout, read_status
 from .task import inputs_hash, register_pair
 from .zarrio import grid_from_attrs
 
@@ -79,7 +79,7 @@ class RunSummary:
 
 
 def _subject_attrs(store: str | Path) -> dict[str, dict[str, Any]]:
-    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    root = open_root(store, "r")  # not the consolidated copy: ingest may have added subjects since
     if "images" not in root:
         raise InputError(f"store {str(store)!r}: nothing ingested (run `cohortreg ingest` first)")
     return {key: dict(g.attrs) for key, g in root["images"].groups()}
@@ -88,7 +88,7 @@ def _subject_attrs(store: str | Path) -> dict[str, dict[str, Any]]:
 def _recorded(store: str | Path, index: int, name: str) -> str:
     """One per-pair string the task recorded in the store (e.g. its ``worker``), or ``""``."""
     with contextlib.suppress(Exception):
-        return str(zarr.open_group(str(store), mode="r", zarr_format=3)[name][index])
+        return str(zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)[name][index])
     return ""
 
 
@@ -103,13 +103,13 @@ def _running(store: str | Path, indices: Any) -> int:
     idx = list(indices)
     if not idx:
         return 0
-    status = zarr.open_group(str(store), mode="r", zarr_format=3)["status"]
+    status = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)["status"]
     return sum(str(status[i]) == "running" for i in idx)
 
 
 def _mark_interrupted(store: str | Path, indices: Sequence[int]) -> list[int]:
     """After Ctrl-C: pairs left ``running`` become ``interrupted`` (incomplete; a rerun redoes them)."""
-    root = zarr.open_group(str(store), mode="r+", zarr_format=3)
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
     out = []
     for i in indices:
         if str(root["status"][i]) == "running":
@@ -306,4 +306,5 @@ def run_pairs(
             raise
         summary.wall_s = time.perf_counter() - t0
         event("end", **summary.counts(), wall_s=summary.wall_s)
+    consolidate(store)  # the run's metadata, for xarray.open_zarr(STORE)
     return summary

@@ -11,6 +11,16 @@ Layout (``STORE`` is the cohort store that also holds ``images/``)::
     STORE/warped_labels      (pair, z, y, x) int32, moving labels on the fixed grid (same condition)
     STORE/fields/<pair_id>/  ``displacement`` and ``warped_labels`` per pair otherwise
 
+Every array carries ``units``, ``description`` and (metrics) ``higher_is_better`` attributes from
+:data:`VAR_ATTRS`. NGFF metadata (OME-Zarr :data:`NGFF_VERSION`, the RFC-5 coordinate systems and
+transformations): the root's ``attrs["ome"]["scene"]`` names each subject's LPS world (axes x, y, z
+in millimeter) and holds one ``displacements`` transformation per pair (fixed world -> moving world,
+``path`` to its field, ``"cohortreg:pair"`` its index in a stacked field); every displacement array's
+``attrs["ome"]`` maps its array index to the fixed world (``affine``); each per-pair field group
+holds its pair's scene. After the driver has written the metadata (:func:`init_results`, the end
+of a run) the root's metadata is consolidated, so that ``xarray.open_zarr(STORE)`` reads it in one
+go; the store's own readers open it unconsolidated (:func:`open_root`) and never see stale metadata.
+
 Concurrency rule: every array with a ``pair`` dimension has chunk length 1 along it, and all
 metadata (array creation, attributes) is written by the driver before any task starts, so a task
 writes only chunks that belong to its own pair and no two tasks ever share a chunk (no locks).
@@ -25,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,28 +45,153 @@ import torch
 import zarr
 
 from regcore import Grid, Image, InputError
+from regcore.pair_metrics import metric_fields
 
 from .pairs import Pair, append_pairs, read_pairs, write_pairs
 from .zarrio import COMPRESSOR, grid_attrs, grid_from_attrs
 
 __all__ = [
     "STRING_VARS", "FLOAT_VARS", "INT_VARS", "LABEL_VARS", "LEVEL_VARS", "CHECKSUM_VARS",
-    "StoreLayout", "init_results", "read_layout", "PairWriter", "pair_checksum", "read_field",
-    "read_warped_labels", "read_status", "mark_failed", "field_path", "read_values", "stored_attrs",
+    "VAR_ATTRS", "var_attrs", "LAYOUT_VERSION", "check_layout_version", "NGFF_VERSION", "StoreLayout", "init_results", "read_layout", "PairWriter",
+    "pair_checksum", "read_field", "read_warped_labels", "read_status", "mark_failed", "field_path", "read_values",
+    "stored_attrs", "open_root", "consolidate", "ngff_scene", "ngff_field",
 ]
+
+#: the results layout this code writes and reads (root attribute ``layout_version``); version 1
+#: stores from every earlier release are read as they are (the additions since, the ``configs``
+#: and ``pairing`` attributes, the growing pair table, are optional)
+LAYOUT_VERSION = 1
 
 # per-pair variables (dimension "pair")
 STRING_VARS = ("status", "config_hash", "inputs_hash", "method", "error", "traceback", "host", "worker",
                "device", "started", "finished", "checksum")
-FLOAT_VARS = ("runtime_s", "regcore_s", "read_s", "write_s", "mse_before", "mse_after", "ncc_before",
-              "ncc_after", "dice_before", "dice_after", "tre_before", "tre_after", "tre_max_after",
-              "jac_min", "jac_nonpositive", "jac_std_log", "final_loss")
+# the quality metrics are regcore's PairMetrics, in its declaration order (scalars, then per label)
+_METRICS = metric_fields()
+FLOAT_VARS = (("runtime_s", "regcore_s", "read_s", "write_s") + tuple(m.name for m in _METRICS if not m.dims)
+              + ("final_loss",))
 INT_VARS = ("iterations",)
-LABEL_VARS = ("dice_label_before", "dice_label_after")   # (pair, label) float64
+LABEL_VARS = tuple(m.name for m in _METRICS if m.dims == ("label",))   # (pair, label) float64
 LEVEL_VARS = ("level_loss", "level_factor", "level_seconds")  # (pair, level) float64
 LEVEL_INT_VARS = ("level_iterations", "level_stage")         # (pair, level) int32
 # what the checksum covers, in this order (besides the field and warped labels)
 CHECKSUM_VARS = FLOAT_VARS + INT_VARS + LABEL_VARS + LEVEL_VARS + LEVEL_INT_VARS + ("config_hash", "inputs_hash")
+
+# What every array of the results means: name -> (units or None, description, higher_is_better or None).
+# Units are UDUNITS/CF strings ("1": dimensionless); strings and identifiers have none. The quality
+# metrics come from regcore's PairMetrics (declared there once); the rest is the pipeline's own.
+_METRICS = {m.name: (m.units, m.description, m.higher_is_better) for m in metric_fields()}
+VAR_ATTRS: dict[str, tuple[str | None, str, bool | None]] = {
+    # coordinates
+    "pair": (None, "row of the store's pair table (pairs.csv, append-only)", None),
+    "pair_id": (None, "pair identifier, '<moving>--to--<fixed>'", None),
+    "fixed": (None, "ingest key of the fixed image (the field's grid)", None),
+    "moving": (None, "ingest key of the moving image (warped onto the fixed grid)", None),
+    "label": (None, "foreground label value (background 0 excluded)", None),
+    "level": (None, "pyramid level, over all stages of the method in run order", None),
+    "component": (None, "displacement component: world axis x, y, z (LPS)", None),
+    # bookkeeping strings
+    "status": (None, "'' pending, 'running', 'complete' (written last), 'failed' or 'interrupted'", None),
+    "config_hash": (None, "hash of the method config that produced the result (key of attrs['configs'])", None),
+    "inputs_hash": (None, "sha256 over the fixed and moving images' content hashes", None),
+    "method": (None, "name of the registration method", None),
+    "error": (None, "why the pair failed ('' if it did not)", None),
+    "traceback": (None, "Python traceback of a failed pair", None),
+    "host": (None, "host name that ran the pair", None),
+    "worker": (None, "Dask worker address (or pid) that ran the pair", None),
+    "device": (None, "torch device of the registration", None),
+    "started": (None, "UTC time the task started, ISO 8601", None),
+    "finished": (None, "UTC time the task finished, ISO 8601", None),
+    "checksum": (None, "sha256 over the pair's metrics, field and warped labels (see verify_pair)", None),
+    # timings and optimiser records
+    "runtime_s": ("s", "wall time of the whole task: read, register, evaluate, write", False),
+    "regcore_s": ("s", "wall time of the registration alone", False),
+    "read_s": ("s", "wall time reading both subjects from the store", False),
+    "write_s": ("s", "wall time writing the field, warped labels and metrics", False),
+    "final_loss": (None, "objective value at the end of the last level (units of the method's measures)", None),
+    "iterations": ("1", "optimiser iterations over all levels", None),
+    "level_loss": (None, "objective value at the end of each level (units of the method's measures)", None),
+    "level_factor": ("1", "downsampling factor of each level", None),
+    "level_seconds": ("s", "wall time of each level", None),
+    "level_iterations": ("1", "optimiser iterations of each level", None),
+    "level_stage": ("1", "index of the method stage a level belongs to", None),
+    # quality metrics (regcore.pair_metrics.PairMetrics)
+    **{name: _METRICS[name] for name in FLOAT_VARS + LABEL_VARS if name in _METRICS},
+    # fields
+    "displacement": ("mm", ("u(x) of T(x) = x + u(x): fixed-grid voxel x (world mm, LPS) -> moving world; "
+                            "components x, y, z (ITK DisplacementFieldTransform)"), None),
+    "warped_labels": (None, "moving labels warped onto the fixed grid by nearest neighbour (-1: not written)", None),
+}
+
+
+def var_attrs(name: str) -> dict[str, Any]:
+    """The Zarr/xarray attributes of variable ``name``: ``units`` (if any), ``description``,
+    ``higher_is_better`` (if declared); ``{}`` for a name :data:`VAR_ATTRS` does not know."""
+    if name not in VAR_ATTRS:
+        return {}
+    units, description, better = VAR_ATTRS[name]
+    out: dict[str, Any] = {"description": description}
+    if units is not None:
+        out["units"] = units
+    if better is not None:
+        out["higher_is_better"] = better
+    return out
+
+
+# ------------------------------------------------------------------ NGFF (OME-Zarr) metadata
+#: OME-Zarr version of the ``ome`` attributes: 0.6rc0, the release candidate of OME-Zarr 0.6 that
+#: adopted RFC-5 (coordinate systems and coordinate transformations, including ``displacements``).
+NGFF_VERSION = "0.6rc0"
+
+
+def _world_system(key: str, ndim: int) -> dict[str, Any]:
+    """The LPS world of subject ``key`` as an NGFF coordinate system: axes x, y[, z] in millimeter,
+    the order of ITK points and of the displacement components (RFC-5: component i is output axis i)."""
+    return {"name": key, "axes": [{"name": a, "type": "space", "unit": "millimeter", "longName": f"{a} (LPS)"}
+                                  for a in "xyz"[:ndim]]}
+
+
+def _index_to_world_rows(grid: Grid, lead: int) -> list[list[float]]:
+    """The ``D x (N + 1)`` NGFF affine from array index ``(lead axes..., [z,] y, x)`` (the array's
+    dimension order, ``N = lead + D``) to world ``(x, y[, z])`` mm; the lead axes do not move points."""
+    m = grid.index_to_world()  # ITK index (x, y, z) -> world
+    d = grid.ndim
+    return [[0.0] * lead + [float(m[r, d - 1 - j]) for j in range(d)] + [float(m[r, d])] for r in range(d)]
+
+
+def ngff_field(grid: Grid, path: str, fixed_keys: Sequence[str], lead: int) -> dict[str, Any]:
+    """``ome`` attributes of a displacement array at ``path`` (relative to its group) on ``grid``:
+    the fixed worlds it is sampled in and an ``affine`` from its array index to each of them."""
+    rows = _index_to_world_rows(grid, lead)
+    keys = list(dict.fromkeys(fixed_keys))
+    return {"version": NGFF_VERSION, "coordinateSystems": [_world_system(k, grid.ndim) for k in keys],
+            "coordinateTransformations": [{"type": "affine", "name": f"{path} index to {k} world",
+                                           "input": {"path": path}, "output": {"name": k}, "affine": rows}
+                                          for k in keys]}
+
+
+def ngff_scene(pairs: Sequence[tuple[int, Pair, str]], ndim: int, stacked: bool) -> dict[str, Any]:
+    """``ome`` attributes with a ``scene``: each subject's world and, per ``(index, pair, field path)``,
+    a ``displacements`` transformation from the fixed world to the moving world (backward warping:
+    ``T(x) = x + u(x)`` maps fixed points into the moving image)."""
+    keys = list(dict.fromkeys([p.fixed for _, p, _ in pairs] + [p.moving for _, p, _ in pairs]))
+    transforms = []
+    for index, pair, path in pairs:
+        t: dict[str, Any] = {"type": "displacements", "name": pair.pair_id, "path": path, "interpolation": "linear",
+                             "input": {"name": pair.fixed}, "output": {"name": pair.moving}}
+        if stacked:
+            t["cohortreg:pair"] = index  # the pair's index along the field array's first axis
+        transforms.append(t)
+    scene: dict[str, Any] = {"coordinateSystems": [_world_system(k, ndim) for k in keys]}
+    if transforms:
+        scene["coordinateTransformations"] = transforms
+    return {"version": NGFF_VERSION, "scene": scene}
+
+
+def _root_scene(pairs: Sequence[Pair], has_field: Sequence[bool], stacked: bool, ndim: int) -> dict[str, Any]:
+    """The root's scene: every pair (index = row of the table) that has a field array."""
+    entries = [(i, p, "displacement" if stacked else f"{field_path(p.pair_id)}/displacement")
+               for i, (p, has) in enumerate(zip(pairs, has_field)) if has]
+    return ngff_scene(entries, ndim, stacked)
 
 
 @dataclass(frozen=True)
@@ -85,8 +221,23 @@ def field_path(pair_id: str) -> str:
     return f"fields/{pair_id}"
 
 
-def _root(store: str | Path, mode: str = "a") -> zarr.Group:
-    return zarr.open_group(str(store), mode=mode, zarr_format=3)
+def open_root(store: str | Path, mode: str = "a") -> zarr.Group:
+    """The store's root group, read from the nodes' own metadata (never the consolidated copy, which
+    is only as fresh as the last :func:`consolidate`: ingest adds and rewrites groups after it)."""
+    return zarr.open_group(str(store), mode=mode, zarr_format=3, use_consolidated=False)
+
+
+
+def consolidate(store: str | Path) -> None:
+    """Consolidate the metadata of the whole store into its root ``zarr.json`` (driver only, once
+    every array and attribute exists; tasks write only chunks, which leaves it valid), so that
+    ``xarray.open_zarr(STORE)`` opens it in one read and without warnings. zarr's notes while doing
+    it (files beside the arrays: pairs.csv, logs/, run.lock; consolidated metadata not yet being
+    part of the Zarr v3 specification) are silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(str(store), zarr_format=3)
 
 
 def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str, Grid | None],
@@ -112,7 +263,7 @@ def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str
     path = Path(store)
     if path.exists() and not path.is_dir():
         raise InputError(f"store {str(path)!r} is a file, not a store directory")
-    root = _root(path)
+    root = open_root(path)
     frozen = path / "pairs.csv"
     root_attrs = dict(root_attrs)
     if "configs" in root_attrs:  # every config ever used stays, keyed by its hash
@@ -127,9 +278,11 @@ def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str
     stacked = bool(known) and all(g is not None and g == known[0] for g in grids)
     field_grid = known[0] if stacked else None
 
-    def make(name: str, shape: tuple, chunks: tuple, dtype: Any, dims: list[str], fill: Any, **kw: Any) -> zarr.Array:
+    def make(name: str, shape: tuple, chunks: tuple, dtype: Any, dims: list[str], fill: Any,
+             attributes: dict[str, Any] | None = None, **kw: Any) -> zarr.Array:
         return root.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
-                                 fill_value=fill, overwrite=True, **kw)
+                                 fill_value=fill, overwrite=True, attributes={**var_attrs(name), **(attributes or {})},
+                                 **kw)
 
     coord = make("pair", (n,), (max(n, 1),), "int64", ["pair"], 0)
     coord[...] = np.arange(n)
@@ -158,8 +311,8 @@ def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str
         chunks = tuple(min(s, 64) for s in shape)
         make("component", (ndim,), (ndim,), str, ["component"], "")[...] = np.array(["x", "y", "z"][:ndim], dtype=object)
         make("displacement", (n, ndim) + shape, (1, ndim) + chunks, "float32", ["pair", "component"] + spatial_dims,
-             np.nan, compressors=COMPRESSOR, attributes={**grid_attrs(field_grid), "units": "mm",
-                                                          "description": "T(x) = x + u(x), x on the fixed grid, LPS"})
+             np.nan, compressors=COMPRESSOR, attributes={
+                 **grid_attrs(field_grid), "ome": ngff_field(field_grid, "displacement", [p.fixed for p in pairs], 2)})
         if moving_has_labels:
             make("warped_labels", (n,) + shape, (1,) + chunks, "int32", ["pair"] + spatial_dims, -1,
                  compressors=COMPRESSOR, attributes=grid_attrs(field_grid))
@@ -167,8 +320,10 @@ def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str
         for pair, grid in zip(pairs, grids):
             _make_pair_fields(root, pair, grid, moving_has_labels)
     root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": n_levels, "labels": list(map(int, labels)),
-                       "stacked": stacked, "ndim": ndim, "layout_version": 1,
-                       "field_grid": grid_attrs(field_grid) if field_grid is not None else None})
+                       "stacked": stacked, "ndim": ndim, "layout_version": LAYOUT_VERSION,
+                       "field_grid": grid_attrs(field_grid) if field_grid is not None else None,
+                       "ome": _root_scene(pairs, [stacked or g is not None for g in grids], stacked, ndim)})
+    consolidate(path)  # every array and attribute exists: the tasks only write chunks
     write_pairs(pairs, frozen)  # frozen last: a store with pairs.csv is fully initialised
     return read_layout(path)
 
@@ -177,16 +332,19 @@ def _make_pair_fields(root: zarr.Group, pair: Pair, grid: Grid | None, moving_ha
     """The per-pair field arrays ``fields/<pair_id>/`` (unstacked layout) on the pair's fixed grid."""
     if grid is None:
         return
-    g = root.require_group("fields").create_group(pair.pair_id, overwrite=True)
+    g = root.require_group("fields").create_group(
+        pair.pair_id, overwrite=True, attributes={"ome": ngff_scene([(0, pair, "displacement")], grid.ndim, False)})
     shape = tuple(grid.shape)
     chunks = tuple(min(s, 64) for s in shape)
     spatial_dims = ["z", "y", "x"][3 - grid.ndim:]
     g.create_array("displacement", shape=(grid.ndim,) + shape, chunks=(grid.ndim,) + chunks, dtype="float32",
                    fill_value=np.nan, compressors=COMPRESSOR, dimension_names=["component"] + spatial_dims,
-                   attributes={**grid_attrs(grid), "units": "mm"})
+                   attributes={**grid_attrs(grid), **var_attrs("displacement"),
+                               "ome": ngff_field(grid, "displacement", [pair.fixed], 1)})
     if moving_has_labels:
         g.create_array("warped_labels", shape=shape, chunks=chunks, dtype="int32", fill_value=-1,
-                       compressors=COMPRESSOR, dimension_names=spatial_dims, attributes=grid_attrs(grid))
+                       compressors=COMPRESSOR, dimension_names=spatial_dims,
+                       attributes={**grid_attrs(grid), **var_attrs("warped_labels")})
 
 
 def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_grids: dict[str, Grid | None],
@@ -240,15 +398,22 @@ def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_g
         grow("level", (levels,))[...] = np.arange(levels, dtype="int32")
     for name in LEVEL_VARS + LEVEL_INT_VARS:
         grow(name, (n, levels))
+    table = list(old) + new
     if layout.stacked:
-        disp = root["displacement"]
-        grow("displacement", (n,) + tuple(disp.shape[1:]))
+        assert layout.field_grid is not None
+        disp = grow("displacement", (n,) + tuple(root["displacement"].shape[1:]))
+        disp.attrs.update({"ome": ngff_field(layout.field_grid, "displacement", [p.fixed for p in table], 2)})
         if "warped_labels" in root:
             grow("warped_labels", (n,) + tuple(root["warped_labels"].shape[1:]))
+        has_field = [True] * n
     else:
         for p, grid in grids.items():
             _make_pair_fields(root, p, grid, moving_has_labels)
-    root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": levels, "labels": all_labels})
+        groups = set(root["fields"].group_keys()) if "fields" in root else set()
+        has_field = [p.pair_id in groups for p in table]
+    root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": levels, "labels": all_labels,
+                       "ome": _root_scene(table, has_field, layout.stacked, layout.ndim)})
+    consolidate(path)
     if new:
         append_pairs(new, frozen, start=n_old)  # the log grows last: a pair is in the table once its arrays exist
     return read_layout(path)
@@ -258,7 +423,19 @@ def stored_attrs(store: str | Path) -> dict[str, Any]:
     """The root attributes of a store that holds results (method config, pairing, ...); {} if none."""
     if not (Path(store) / "pairs.csv").exists():
         return {}
-    return dict(_root(store, "r").attrs)
+    return dict(open_root(store, "r").attrs)
+
+
+def check_layout_version(path: Path, attrs: dict[str, Any]) -> None:
+    """Refuse a store whose layout this code cannot read (written by a newer cohortreg, or not a
+    results store), with a message that says what to do."""
+    version = attrs.get("layout_version")
+    if version is None:
+        raise InputError(f"store {str(path)!r}: no layout_version in its root attributes: not a cohortreg results "
+                         "store (or a damaged one)")
+    if int(version) > LAYOUT_VERSION:
+        raise InputError(f"store {str(path)!r} has layout version {version}, newer than this cohortreg reads "
+                         f"({LAYOUT_VERSION}): upgrade cohortreg (pip install -U cohortreg) to open it")
 
 
 def read_layout(store: str | Path) -> StoreLayout:
@@ -266,7 +443,8 @@ def read_layout(store: str | Path) -> StoreLayout:
     path = Path(store)
     if not (path / "pairs.csv").exists():
         raise InputError(f"store {str(path)!r}: no results (run `cohortreg run` first)")
-    attrs = dict(_root(path, "r").attrs)
+    attrs = dict(open_root(path, "r").attrs)
+    check_layout_version(path, attrs)
     fg = attrs.get("field_grid")
     return StoreLayout(path=path, pairs=read_pairs(path / "pairs.csv"), labels=list(attrs["labels"]),
                        n_levels=int(attrs["n_levels"]), stacked=bool(attrs["stacked"]),
@@ -275,7 +453,7 @@ def read_layout(store: str | Path) -> StoreLayout:
 
 def read_status(store: str | Path) -> dict[str, np.ndarray]:
     """``status``, ``config_hash`` and ``inputs_hash`` of every pair (small reads, for the runner)."""
-    root = _root(store, "r")
+    root = open_root(store, "r")
     return {name: np.asarray(root[name][...], dtype=object) for name in ("status", "config_hash", "inputs_hash")}
 
 
@@ -321,7 +499,7 @@ def _as_stored(arr: zarr.Array, value: Any) -> Any:
 
 def read_values(store: str | Path, index: int) -> dict[str, Any]:
     """A pair's :data:`CHECKSUM_VARS` as stored (the input of :func:`pair_checksum`)."""
-    root = _root(store, "r")
+    root = open_root(store, "r")
     return {name: _as_stored(root[name], root[name][index]) for name in CHECKSUM_VARS}
 
 
@@ -329,7 +507,7 @@ class PairWriter:
     """Writes one pair's results; a task holds one and touches only its pair's chunks."""
 
     def __init__(self, store: str | Path, index: int):
-        self.root = _root(store, "r+")
+        self.root = open_root(store, "r+")
         self.layout = read_layout(store)
         self.index = index
         self.pair = self.layout.pairs[index]
@@ -403,7 +581,7 @@ def read_field(store: str | Path, pair: int | str) -> Image:
     """
     layout = read_layout(store)
     i = layout.index(pair)
-    root = _root(store, "r")
+    root = open_root(store, "r")
     if layout.stacked:
         arr = root["displacement"]
         data = arr[i]
@@ -417,7 +595,7 @@ def read_warped_labels(store: str | Path, pair: int | str) -> Image | None:
     """The moving label map warped onto the fixed grid (nearest neighbour), if the pair had labels."""
     layout = read_layout(store)
     i = layout.index(pair)
-    root = _root(store, "r")
+    root = open_root(store, "r")
     if layout.stacked:
         if "warped_labels" not in root:
             return None

@@ -59,7 +59,7 @@ def load_subject(store: str | Path, key: str, role: str) -> dict[str, Any]:
     """An ingested subject: ``image`` (Image), ``levels`` (factor -> downsampled Image, the stored
     pyramid), ``labels``/``mask`` (Image or None), ``landmarks``
     (``(N, D)`` world mm or None) and ``sha`` (content hash). ``role`` names it in errors."""
-    root = zarr.open_group(str(store), mode="r", zarr_format=3)
+    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
     path = f"images/{key}"
     if path not in root:
         raise InputError(f"{role} image {key!r}: not ingested (run `cohortreg ingest`)")

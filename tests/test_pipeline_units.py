@@ -304,3 +304,18 @@ def test_infrastructure_errors_reach_dask_and_pair_errors_are_recorded(ingested,
     res = register_pair(store, 1, FAST_METHOD)
     assert res["status"] == "failed" and "ValueError: no overlap" in res["error"]
     assert str(open_results(store)["status"].values[1]) == "failed"
+
+
+def test_layout_version_is_checked_on_open(tmp_path, demo_cohort):
+    subs = read_manifest(demo_cohort)[:2]
+    store = tmp_path / "s.zarr"
+    ingest(subs, store)
+    plan_pairs(store, make_pairs(subs, "atlas", atlas="atlas"), method_config(FAST_METHOD))
+    assert open_results(store).sizes["pair"] == 1
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    root.attrs["layout_version"] = 99
+    with pytest.raises(InputError, match="layout version 99, newer than this cohortreg reads"):
+        open_results(store)
+    del root.attrs["layout_version"]
+    with pytest.raises(InputError, match="not a cohortreg results store"):
+        read_field(store, 0)

@@ -106,6 +106,10 @@ def test_demo_cohort_template_improves_and_resumes(tmp_path_factory, local_clien
     assert ds.sizes["iteration"] == 4
     np.testing.assert_allclose(ds["mean_warp_norm_mm"].values, norms)
     assert (store / "template" / "template.nii.gz").exists()
+    from pipeline.zarrio import read_image_array
+    import zarr
+    stored = read_image_array(zarr.open_group(str(store / "template" / "iteration-3" / "template.zarr"), mode="r")["template"])
+    assert stored.grid == result.template.grid and torch.allclose(stored.data, result.template.data, atol=1e-5)
 
 
 def test_cli_template_checks_input_before_the_cluster(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,8 @@
     STORE/template/iteration-K/pairs.zarr         that iteration's cohort store: the subjects and
                                                   the current template ingested, one pair per
                                                   subject (subject -> template), fields and metrics
-    STORE/template/iteration-K/template.nii.gz    the template it produced (+ template_labels.nii.gz)
+    STORE/template/iteration-K/template.nii.gz    the template it produced (+ template_labels.nii.gz,
+                                                  and both as Zarr arrays in template.zarr)
     STORE/template/iteration-K/stats.json         written last: the iteration is complete
     STORE/template/template.nii.gz                the final template (+ template_labels.nii.gz)
     STORE/zarr.json, STORE/<metric>               per-iteration statistics, dimension ``iteration``
@@ -40,6 +41,7 @@ from pipeline.manifest import Subject
 from pipeline.pairs import Pair
 from pipeline.runner import RunSummary, run_pairs
 from pipeline.store import read_field
+from pipeline.zarrio import write_image_array
 from regcore import Image, InputError, read_image, write_image
 from regcore.evaluation import mean_dice
 from regcore.template import (coverage_mean, mean_gradient_magnitude, mean_warp_norm, ncc_value, shape_update,
@@ -181,6 +183,7 @@ def build_template(
         stat.failed = [subjects[i].key for i in range(len(subjects)) if fields[i] is None]
         template_path = write_image(template, folder / "template.nii.gz")
         labels_path = write_image(labels, folder / "template_labels.nii.gz", np.int32) if labels is not None else None
+        _write_zarr(folder / "template.zarr", template, labels)
         stat.seconds = time.perf_counter() - t0
         (folder / "stats.json.tmp").write_text(json.dumps(stat.__dict__, indent=1))
         (folder / "stats.json.tmp").replace(folder / "stats.json")  # written last: the iteration is complete
@@ -198,6 +201,15 @@ def build_template(
         final_labels = read_image(labels_path, dtype=None)
     _write_stats_arrays(store, stats)
     return TemplateResult(read_image(final), final_labels, final, stats)
+
+
+def _write_zarr(path: Path, template: Image, labels: Image | None) -> None:
+    """The iteration's template (and labels) as chunked Zarr with its geometry (as ingest writes
+    images), for Zarr and xarray readers."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_image_array(group, "template", template)
+    if labels is not None:
+        write_image_array(group, "labels", labels, dtype="int32")
 
 
 def _register_all(subjects: Sequence[Subject], fixed: Subject, pairs_store: Path, client: Any, method: str,
