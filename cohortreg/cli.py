@@ -159,6 +159,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(summary.text())
     print(f"results: {summary.store}  (xarray.open_zarr / pipeline.open_results)")
     print(f"run log: {summary.log_path}")
+    if summary.outputs:
+        print(f"{len(summary.outputs)} files written by the workflow's post-step, e.g. {summary.outputs[0]}")
     if summary.report_path:
         print(f"dask performance report: {summary.report_path}")
     for i, err in summary.errors.items():

@@ -67,6 +67,7 @@ class RunSummary:
     report_path: str = ""
     dashboard: str = ""
     interrupted: list[int] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # files a workflow's post-step wrote
 
     def counts(self) -> dict[str, int]:
         return {"total": self.total, "submitted": len(self.submitted), "skipped": len(self.skipped),
@@ -171,7 +172,7 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
     ok = {k: a for k, a in subjects.items() if a.get("status") == "ok"}
     fixed_grids = {p.fixed: (grid_from_attrs(ok[p.fixed]) if p.fixed in ok else None) for p in pairs}
     labels = sorted({int(v) for p in pairs for k in (p.fixed, p.moving) if k in ok for v in ok[k].get("labels", [])})
-    moving_labels = any(ok.get(p.moving, {}).get("labels") and ok.get(p.fixed, {}).get("labels") for p in pairs)
+    moving_labels = any(ok.get(p.moving, {}).get("labels") for p in pairs)  # warped (propagated) even without fixed labels
     n_levels = sum(stage.pyramid.n_levels for stage in cfg.stages)
     chash, legacy = config_hash(cfg), legacy_config_hash(cfg)  # legacy: stores hashed before defaults were
     config = json.loads(cfg.model_dump_json())

@@ -106,7 +106,8 @@ def evaluate_pair(fixed: Image, moving: Image, displacement: Image, *, fixed_lab
         jacobian: the determinant map if the registration computed it (else computed here).
 
     Returns:
-        ``(metrics, warped labels (*fixed.shape) int32 or None)``. Intensity metrics use the
+        ``(metrics, the moving labels warped onto the fixed grid (*fixed.shape) int32, or None
+        without moving labels)``; Dice needs both label maps. Intensity metrics use the
         voxels whose samples fall inside the moving image both before and after.
     """
     grid = fixed.grid
@@ -122,6 +123,8 @@ def evaluate_pair(fixed: Image, moving: Image, displacement: Image, *, fixed_lab
         m.mse_before, m.mse_after = float(((f - before) ** 2).double().mean()), float(((f - after) ** 2).double().mean())
         m.ncc_before, m.ncc_after = _ncc(f, before), _ncc(f, after)
     warped_labels = None
+    if moving_labels is not None:  # propagated onto the fixed grid (label propagation needs no fixed labels)
+        warped_labels = warp(moving_labels, displacement, mode="nearest").data[0].to(torch.int32)
     if fixed_labels is not None and moving_labels is not None:
         flab = fixed_labels.data.to(dev)
         names = list(labels) if labels is not None else sorted(int(v) for v in torch.unique(flab).tolist() if v != 0)
@@ -135,7 +138,6 @@ def evaluate_pair(fixed: Image, moving: Image, displacement: Image, *, fixed_lab
         if present:
             m.dice_before = float(np.mean([d_before[k] for k in present]))
             m.dice_after = float(np.mean([d_after[k] for k in present]))
-        warped_labels = lab_after[0].to(torch.int32)
     if fixed_points is not None and moving_points is not None:
         if fixed_points.shape != moving_points.shape:
             raise InputError(f"landmarks: fixed has {len(fixed_points)} points, moving {len(moving_points)}; "

@@ -19,6 +19,8 @@ from pipeline.runner import Progress, RunSummary, run_pairs
 from pipeline.store import stored_attrs
 from regcore import InputError, method_config
 
+from .labels import write_propagated_labels
+
 __all__ = ["Workflow", "WORKFLOWS", "get_workflow", "RunPlan"]
 
 
@@ -44,6 +46,8 @@ class Workflow:
     method: str
     direction: str = "to-atlas"
     description: str = ""
+    #: called with the plan and the run's summary once the pairs are done; returns the files it wrote
+    post_step: Callable[[RunPlan, RunSummary], list[Path]] | None = None
 
     def plan(self, store: str | Path, *, subjects: Sequence[Subject] | None = None, method: str | dict | None = None,
              config: dict | str | Path | None = None, pairs: str | None = None, atlas: str | None = None,
@@ -87,9 +91,12 @@ class Workflow:
             report = ingest(plan.subjects, plan.store, client)
             if on_ingest:
                 on_ingest(report)
-        return run_pairs(client, plan.store, plan.pairs, plan.method, plan.config, window=window, retries=retries,
-                         gpu=gpu, force=force, progress=progress, allow_removed=allow_removed,
-                         root_attrs={"workflow": self.name, "pairing": plan.pairing})
+        summary = run_pairs(client, plan.store, plan.pairs, plan.method, plan.config, window=window, retries=retries,
+                            gpu=gpu, force=force, progress=progress, allow_removed=allow_removed,
+                            root_attrs={"workflow": self.name, "pairing": plan.pairing})
+        if self.post_step is not None:
+            summary.outputs = [str(p) for p in self.post_step(plan, summary)]
+        return summary
 
 
 WORKFLOWS: dict[str, Workflow] = {
@@ -99,7 +106,8 @@ WORKFLOWS: dict[str, Workflow] = {
                  "every subject to the atlas: fields on the atlas grid (stacked along pair), subject labels "
                  "warped into atlas space"),
         Workflow("atlas-labels", "atlas", "affine+syn", "from-atlas",
-                 "the atlas to every subject: atlas labels propagated onto each subject's grid (segmentation)"),
+                 "the atlas to every subject: atlas labels propagated onto each subject's grid (segmentation), "
+                 "written as STORE/labels/<subject>.nii.gz", post_step=write_propagated_labels),
         Workflow("pairwise", "all", "affine+syn", description="all ordered pairs of subjects"),
         Workflow("longitudinal", "longitudinal", "affine+syn",
                  description="each later session to the first session of the same subject"),
