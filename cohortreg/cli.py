@@ -273,7 +273,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_template(args: argparse.Namespace) -> int:
     from pipeline.manifest import read_manifest
     from regcore import method_config
-    from workflows.template import build_template
+    from workflows.template import TEMPLATE
 
     store = _store_path(args.out)
     subjects = read_manifest(args.manifest)
@@ -283,9 +283,9 @@ def _cmd_template(args: argparse.Namespace) -> int:
     with _lock(store, args):
         handle = _cluster(args)
         try:
-            result = build_template(subjects, store, handle.client, iterations=args.iterations, method=args.method,
-                                    initial=args.initial, step=args.step, sharpen=args.sharpen, config=args.config,
-                                    min_warp_mm=args.min_warp_mm)
+            result = TEMPLATE.run(subjects, store, handle.client, iterations=args.iterations, method=args.method,
+                                  initial=args.initial, step=args.step, sharpen=args.sharpen, config=args.config,
+                                  min_warp_mm=args.min_warp_mm)
         finally:
             handle.close()
     print(f"{'iteration':>9} {'method':<12} {'mean warp mm':>12} {'NCC':>7} {'label Dice':>10} {'s':>7}")

@@ -11,7 +11,7 @@ from conftest import blobs
 from pipeline.manifest import Subject, read_manifest
 from regcore import Grid, Image, read_image, write_image
 from regcore.template import coverage_mean, shape_update, vote_labels, warp_to_template
-from workflows.template import build_template
+from workflows.template import TEMPLATE, build_template
 from workflows.demo_cohort import make_demo_cohort
 from regcore.template import ncc_value
 
@@ -63,8 +63,8 @@ def test_partial_field_of_view_does_not_darken_the_template(tmp_path, local_clie
     half_grid = Grid((12,) + grid.size[1:], grid.spacing, grid.origin)
     write_image(Image(data[..., :12].clone(), half_grid), tmp_path / "cropped.nii.gz")
     subjects.append(Subject("cropped", tmp_path / "cropped.nii.gz"))
-    result = build_template(subjects, tmp_path / "t", local_client, iterations=0, linear_method="rigid",
-                            initial=tmp_path / "s0.nii.gz")
+    result = TEMPLATE.run(subjects, tmp_path / "t", local_client, iterations=0, linear_method="rigid",
+                          initial=tmp_path / "s0.nii.gz")
     t = result.template.data
     right = (slice(None), slice(2, -2), slice(2, -2), slice(14, -2))  # seen by 3 of the 4 subjects
     ratio = float(t[right].mean() / data[right].mean())

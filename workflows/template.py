@@ -47,7 +47,7 @@ from regcore.evaluation import mean_dice
 from regcore.template import (coverage_mean, mean_gradient_magnitude, mean_warp_norm, ncc_value, shape_update,
                               unsharp_mask, vote_labels, warp_to_template)
 
-__all__ = ["build_template", "TemplateResult", "IterationStats", "choose_reference"]
+__all__ = ["build_template", "TemplateResult", "IterationStats", "choose_reference", "TemplateWorkflow", "TEMPLATE"]
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +267,25 @@ def _update(images: Sequence[Image], subjects: Sequence[Subject], fields: Sequen
                           mean_dice_to_template=dice, sharpness=mean_gradient_magnitude(template, head),
                           seconds=0.0, pairs_submitted=0)
     return stat, template, labels
+
+
+@dataclass(frozen=True)
+class TemplateWorkflow:
+    """The template workflow as an object, beside the pair workflows of :mod:`workflows`: its
+    pairing rule (every subject to the current template), its method, and its post-step (the
+    template update: coverage-weighted mean, shape update, sharpening, label vote), repeated."""
+
+    name: str = "template"
+    pairs: str = "each subject -> the current template"
+    method: str = "affine+syn"
+    linear_method: str = "affine"
+    post_step: str = "template update"
+
+    def run(self, subjects: Sequence[Subject], store: str | Path, client: Any, *, iterations: int = 3,
+            method: str | None = None, **options: Any) -> TemplateResult:
+        """:func:`build_template` with this workflow's methods (``options`` as there)."""
+        return build_template(subjects, store, client, iterations=iterations, method=method or self.method,
+                              linear_method=options.pop("linear_method", self.linear_method), **options)
+
+
+TEMPLATE = TemplateWorkflow()
