@@ -320,7 +320,7 @@ def test_report_renders_in_headless_chromium(bad_cohort, tmp_path):
     probe.write_text(text.replace("<head>", "<head>" + _PROBE, 1).replace("</body>", _PROBE_END + "</body>"), encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
              "--virtual-time-budget=10000"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, encoding="utf-8", errors="replace", timeout=120,
                          check=False)
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
     assert found, f"no probe output; browser stderr: {dom.stderr[-2000:]}"
