@@ -319,3 +319,52 @@ def test_layout_version_is_checked_on_open(tmp_path, demo_cohort):
     del root.attrs["layout_version"]
     with pytest.raises(InputError, match="not a cohortreg results store"):
         read_field(store, 0)
+
+
+_TEST_METRIC_SCRIPT = r'''
+import dataclasses, sys
+import regcore.pair_metrics as pm
+
+@dataclasses.dataclass
+class WithTestMetric(pm.PairMetrics):  # one new field: nothing else is edited
+    test_metric: float = pm._metric("mm", "a test-only metric", False)
+
+original = pm.evaluate_pair
+def evaluate_pair(*args, **kwargs):
+    metrics, warped = original(*args, **kwargs)  # builds the module's PairMetrics: WithTestMetric now
+    metrics.test_metric = 42.5
+    return metrics, warped
+pm.PairMetrics, pm.evaluate_pair = WithTestMetric, evaluate_pair
+
+sys.path.insert(0, sys.argv[3])
+from conftest import FAST_METHOD
+from pipeline.analysis import open_results, verify_pair
+from pipeline.ingest import ingest
+from pipeline.manifest import read_manifest
+from pipeline.pairs import make_pairs
+from pipeline.runner import plan_pairs
+from pipeline.task import register_pair
+from regcore import method_config
+subs = read_manifest(sys.argv[1])[:2]
+ingest(subs, sys.argv[2])
+plan_pairs(sys.argv[2], make_pairs(subs, "atlas", atlas="atlas"), method_config(FAST_METHOD))
+assert register_pair(sys.argv[2], 0, FAST_METHOD)["status"] == "complete"
+ds = open_results(sys.argv[2])
+assert float(ds["test_metric"].values[0]) == 42.5, ds["test_metric"].values
+assert ds["test_metric"].attrs["units"] == "mm" and ds["test_metric"].attrs["description"] == "a test-only metric"
+assert verify_pair(sys.argv[2], 0)
+print("ok")
+'''
+
+
+def test_a_metric_declared_in_pair_metrics_reaches_the_store_without_other_edits(tmp_path, demo_cohort):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", _TEST_METRIC_SCRIPT, str(demo_cohort), str(tmp_path / "s.zarr"),
+                           str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
