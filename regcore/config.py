@@ -18,6 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import InputError
+from .losses.modules import LOSSES
+from .optimizers import OPTIMIZERS as OPTIMIZER_CLASSES
+from .regularizers.modules import REGULARIZERS as REGULARIZER_CLASSES
 
 __all__ = [
     "TermConfig",
@@ -34,16 +37,17 @@ __all__ = [
     "legacy_config_hash",
 ]
 
-MEASURES = ("mse", "ncc", "lncc", "lcc", "ssim", "mi", "nmi", "ngf")
+#: names from the registries (one source of truth: a new measure is one class + one registration)
+MEASURES = tuple(LOSSES)
 LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
 DEFORMABLE_KINDS = ("dense", "ffd", "wendland", "svf", "syn")
-REGULARIZERS = ("diffusion", "tv", "tv_aniso", "l1", "bending", "jacobian")
+REGULARIZERS = tuple(REGULARIZER_CLASSES)
 #: Keys that give one setting in different ways: an override naming one drops the others.
 ALTERNATIVE_KEYS = (("factors", "spacing_mm"),)
 #: torch optimisers; ``rsgd``: regular-step gradient descent (:mod:`regcore.step_descent`, ITK's);
 #: ``greedy``: the normalised compositive steps of the ``syn`` transform (:mod:`regcore.greedy`),
 #: ``lr`` being the largest step in voxels.
-OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs", "rmsprop", "adagrad", "rsgd", "greedy")
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES) + ("greedy",)
 
 
 class _Strict(BaseModel):
@@ -302,9 +306,6 @@ def canonical_config(config: MethodConfig) -> dict:
     by the defaults of its registered class, so that ``lncc {}`` and ``lncc {window: <default>}``
     are one config. (Optimiser params are hashed as given: a torch release that adds an option
     must not change the hash of every stored result.)"""
-    from .losses import LOSSES
-    from .regularizers.modules import REGULARIZERS as REGULARIZER_CLASSES
-
     data = config.model_dump(mode="json")
     for stage in data["stages"]:
         for term in stage.get("objective") or []:

@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from .image import Image
+from .losses.modules import LOSSES
 from .sampling import inside_mask, inside_weight, linear_theta, sample_normalized, stratified_indices
 
 __all__ = ["LinearLevel", "DeformableLevel", "POINTWISE_MEASURES"]
 
-#: Measures that compare voxel by voxel, so they can be evaluated on a subset of fixed voxels.
-POINTWISE_MEASURES = frozenset({"mse", "ncc", "mi", "nmi"})
+#: Measures that compare voxel by voxel, so they can be evaluated on a subset of fixed voxels
+#: (the loss registry's ``pointwise`` capability).
+POINTWISE_MEASURES = frozenset(name for name, cls in LOSSES.items() if cls.pointwise)
 
 
 def _masked(overlap: torch.Tensor, moving_mask: Image | None, fixed_mask: torch.Tensor | None, coords: torch.Tensor, shape) -> torch.Tensor:

@@ -12,19 +12,10 @@ from .errors import InputError
 from .grid import Grid
 from .losses import build_loss
 from .regularizers import build_regularizer
-from .step_descent import RegularStepGradientDescent
+from .optimizers import OPTIMIZERS
 
 __all__ = ["Objective", "build_optimizer", "OPTIMIZERS"]
 
-OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "lbfgs": torch.optim.LBFGS,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-    "rsgd": RegularStepGradientDescent,
-}
 
 
 class Objective(nn.Module):

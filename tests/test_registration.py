@@ -322,3 +322,20 @@ def test_config_hash_covers_params_after_their_defaults():
     other = method_config("svf", {"stages": [{"objective": [{"measure": "lncc", "params": {"window": 7}}]}]})
     assert config_hash(implicit) == config_hash(explicit) != config_hash(other)
     assert canonical_config(implicit)["stages"][0]["objective"][0]["params"]["window"] == 9  # LNCCLoss's default
+
+
+def test_component_names_come_from_the_registries():
+    """One registry per kind: the config's names, its error messages and the capabilities are the
+    registries' (a new measure is one class plus one registration)."""
+    from regcore.config import MEASURES, OPTIMIZERS, REGULARIZERS
+    from regcore.levels import POINTWISE_MEASURES
+    from regcore.losses.modules import LOSSES
+    from regcore.optimizers import OPTIMIZERS as OPTIMIZER_CLASSES
+    from regcore.regularizers.modules import REGULARIZERS as REGULARIZER_CLASSES
+
+    assert MEASURES == tuple(LOSSES) and REGULARIZERS == tuple(REGULARIZER_CLASSES)
+    assert set(OPTIMIZERS) == set(OPTIMIZER_CLASSES) | {"greedy"}
+    assert POINTWISE_MEASURES == {"mse", "ncc", "mi", "nmi"}  # from each class's capability
+    with pytest.raises(InputError) as err:
+        method_config("affine", {"stages": [{"objective": [{"measure": "nope"}]}]})
+    assert all(name in str(err.value) for name in LOSSES)

@@ -44,6 +44,10 @@ class SimilarityLoss(nn.Module):
     in ways its gradient cannot see.
     """
 
+    #: capability: the measure is a mean over voxels (a random subset of voxels estimates it);
+    #: local measures (windows, gradients) need the whole grid
+    pointwise: bool = False
+
     measure: Callable[..., Tensor]
     overlap_only: bool = True
 
@@ -78,6 +82,8 @@ class SimilarityLoss(nn.Module):
 class MSELoss(SimilarityLoss):
     """Mean squared difference (squared intensity units), 0 at identity."""
 
+    pointwise = True
+
     measure = staticmethod(L.mse)
 
     def __init__(self) -> None:
@@ -89,6 +95,8 @@ class MSELoss(SimilarityLoss):
 
 class NCCLoss(SimilarityLoss):
     """``1 - ncc`` in ``[0, 2]``."""
+
+    pointwise = True
 
     measure = staticmethod(L.ncc)
 
@@ -152,6 +160,8 @@ class SSIMLoss(SimilarityLoss):
 
 class MILoss(SimilarityLoss):
     """``-mi`` (nats); see :func:`regcore.losses.functional.mutual_information`."""
+
+    pointwise = True
 
     measure = staticmethod(L.mutual_information)
 
