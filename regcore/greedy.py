@@ -39,6 +39,7 @@ from .objective import Objective
 from .optimize import Callback, LevelRecord
 from .pyramid import gaussian_smooth
 from .sampling import inside_weight, sample_normalized
+from .stopping import Plateau
 from .transforms.syn import SymmetricDiffeomorphism
 
 __all__ = ["optimize_symmetric_level"]
@@ -123,7 +124,7 @@ def optimize_symmetric_level(
             force.sub_(world_gradient(image_m.detach()[0], grid) * grad_m[0]).mul_(0.5)
         return loss, parts, force
 
-    best, stale = math.inf, 0
+    plateau = Plateau(stage.stopping)
     record.stop_reason = "max_iterations"
     evaluations = 0
     with torch.no_grad():
@@ -138,13 +139,9 @@ def optimize_symmetric_level(
             if callback is not None:
                 callback({"event": "iteration", "stage": record.stage, "level": level, "factor": record.factor,
                           "iteration": it, "loss": loss, "terms": parts})
-            if not math.isfinite(best) or loss < best - stage.stopping.rel_tol * abs(best):
-                best, stale = loss, 0
-            else:
-                stale += 1
-                if stale >= stage.stopping.patience:
-                    record.stop_reason = "converged"
-                    break
+            if plateau.update(loss):
+                record.stop_reason = "converged"
+                break
             force = smooth_update(force)
             largest = _largest_norm(force)
             if not largest > 0:

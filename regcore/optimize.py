@@ -17,6 +17,7 @@ import torch
 from .config import StageConfig
 from .errors import RegistrationError
 from .objective import build_optimizer
+from .stopping import Plateau
 
 __all__ = ["LevelRecord", "optimize_level", "OUT_OF_VIEW_LOSS", "Callback"]
 
@@ -96,7 +97,7 @@ def optimize_level(
         cache["scale"] = 1.0 / gmax
         cache.pop("key")
 
-    best, stale = math.inf, 0
+    plateau = Plateau(stage.stopping)
     lowest, best_params = math.inf, [p.detach().clone() for p in params]
     record.stop_reason = "max_iterations"
     for it in range(max_iter):
@@ -112,13 +113,9 @@ def optimize_level(
                       "iteration": it, "loss": loss, "terms": cache.get("parts", {})})
         if loss < lowest:
             lowest, best_params = loss, start
-        if not math.isfinite(best) or loss < best - stage.stopping.rel_tol * abs(best):
-            best, stale = loss, 0
-        else:
-            stale += 1
-            if stale >= stage.stopping.patience:
-                record.stop_reason = "converged"
-                break
+        if plateau.update(loss):
+            record.stop_reason = "converged"
+            break
     final = float(closure().detach()) / cache["scale"]  # loss at the final parameters (cached when just evaluated)
     if final > lowest:  # a last step that made things worse (a failed line search): keep the best iterate
         with torch.no_grad():

@@ -19,6 +19,7 @@ from .fields import invert_displacement
 from .grid import Grid
 from .image import Image
 from .pyramid import gaussian_smooth
+from .pair_metrics import warp
 from .sampling import sample_world
 
 __all__ = ["warp_to_template", "coverage_mean", "mean_warp_norm", "shape_update", "unsharp_mask",
@@ -38,10 +39,9 @@ def warp_to_template(image: Image, displacement: torch.Tensor, grid: Grid, mode:
         ``(warped (C, *S), coverage (1, *S))``: coverage is the subject's field of view seen from
         the template, 1 inside, 0 outside, linear across the border voxel.
     """
-    pts = grid.world_points(dtype=torch.float64) + torch.movedim(displacement.double(), 0, -1)
-    warped = sample_world(image, pts, mode=mode)  # type: ignore[arg-type]
-    ones = Image(torch.ones((1, *image.grid.shape), dtype=torch.float32), image.grid)
-    coverage = sample_world(ones, pts)
+    field = Image(displacement, grid)
+    warped = warp(image, field, mode=mode).data
+    coverage = warp(Image(torch.ones((1, *image.grid.shape), dtype=torch.float32), image.grid), field).data
     return warped, coverage
 
 

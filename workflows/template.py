@@ -148,7 +148,8 @@ def build_template(
         raise InputError(f"template: the shape-update step must be in (0, 0.25], got {step}")
     store = Path(store)
     images = [read_image(s.image) for s in subjects]
-    with_labels = all(s.labels is not None for s in subjects)
+    label_maps = ([Image(lab.data.to(torch.int64), lab.grid) for lab in (read_image(s.labels, dtype=None) for s in subjects)]
+                  if all(s.labels is not None for s in subjects) else None)  # read once, warped every iteration
     stats: list[IterationStats] = []
     template_path = labels_path = None
     k = 0
@@ -178,7 +179,7 @@ def build_template(
             run_method, run_config = method, config
         summary, fields = _register_all(subjects, fixed, folder / "pairs.zarr", client, run_method, run_config, on_pair)
         template_image = read_image(fixed.image)
-        stat, template, labels = _update(images, subjects, fields, template_image.grid, k, step, sharpen, with_labels)
+        stat, template, labels = _update(images, label_maps, fields, template_image.grid, k, step, sharpen)
         stat.method, stat.pairs_submitted = run_method, len(summary.submitted)
         stat.failed = [subjects[i].key for i in range(len(subjects)) if fields[i] is None]
         template_path = write_image(template, folder / "template.nii.gz")
@@ -230,20 +231,19 @@ def _register_all(subjects: Sequence[Subject], fixed: Subject, pairs_store: Path
     return summary, fields
 
 
-def _update(images: Sequence[Image], subjects: Sequence[Subject], fields: Sequence[torch.Tensor | None], grid: Any,
-            k: int, step: float, sharpen: float, with_labels: bool) -> tuple[IterationStats, Image, Image | None]:
+def _update(images: Sequence[Image], label_maps: Sequence[Image] | None, fields: Sequence[torch.Tensor | None],
+            grid: Any, k: int, step: float, sharpen: float) -> tuple[IterationStats, Image, Image | None]:
     """Average the warped subjects (coverage-weighted), update the shape, sharpen, vote labels."""
     warped, coverages, warped_labels, used = [], [], [], []
-    for img, subj, u in zip(images, subjects, fields):
+    for i, (img, u) in enumerate(zip(images, fields)):
         if u is None:
             continue
         w, c = warp_to_template(img, u, grid)
         warped.append(w)
         coverages.append(c)
         used.append(u)
-        if with_labels:
-            lab = read_image(subj.labels, dtype=None)  # type: ignore[arg-type]
-            warped_labels.append(warp_to_template(Image(lab.data.to(torch.int64), lab.grid), u, grid, mode="nearest")[0])
+        if label_maps is not None:
+            warped_labels.append(warp_to_template(label_maps[i], u, grid, mode="nearest")[0])
     mean, total = coverage_mean(warped, coverages)
     mask = (total > 0.5 * len(warped)).float()
     head = mask * (mean > 0.1 * float(mean.max())).float()  # where the subjects agree there is tissue
@@ -251,7 +251,7 @@ def _update(images: Sequence[Image], subjects: Sequence[Subject], fields: Sequen
     mean_field = torch.stack([u.float() for u in used]).mean(0)
     norm = mean_warp_norm(mean_field, mask)
     template = Image(mean, grid)
-    labels = Image(vote_labels(warped_labels, coverages), grid) if with_labels else None
+    labels = Image(vote_labels(warped_labels, coverages), grid) if label_maps is not None else None
     voted = labels
     if k > 0:
         template = shape_update(template, mean_field, step)

@@ -24,7 +24,7 @@ from PIL import ImageDraw, ImageFont
 
 from regcore import Grid, Image
 from regcore.regularizers import jacobian_determinant
-from regcore.sampling import sample_world
+from regcore.pair_metrics import warp
 
 from ..store import read_field, read_warped_labels
 from ..zarrio import read_image_array
@@ -68,13 +68,11 @@ def _stored_image(root: zarr.Group, key: str) -> Image | None:
     return read_image_array(root[path]) if path in root else None
 
 
-def _on_grid(image: Image, grid: Grid, points: torch.Tensor | None = None) -> np.ndarray:
-    """``image`` sampled (linearly) at ``points`` (default: ``grid``'s voxel centres)."""
-    if points is None:
-        if image.grid == grid:
-            return image.data[0].numpy()
-        points = grid.world_points(dtype=torch.float64)
-    return sample_world(image, points)[0].numpy()
+def _on_grid(image: Image, grid: Grid) -> np.ndarray:
+    """``image`` sampled (linearly) at ``grid``'s voxel centres."""
+    if image.grid == grid:
+        return image.data[0].numpy()
+    return warp(image, Image(torch.zeros((grid.ndim, *grid.shape)), grid)).data[0].numpy()
 
 
 def load_pair_images(store: str | Path, index: int, fixed_key: str, moving_key: str) -> PairImages:
@@ -96,8 +94,7 @@ def load_pair_images(store: str | Path, index: int, fixed_key: str, moving_key: 
         if moving is None:
             notes.append(f"no labels and moving image {moving_key!r} not in the store: no contours")
         else:
-            pts = grid.world_points(dtype=torch.float64) + torch.movedim(disp.data.to(torch.float64), 0, -1)
-            warped = _on_grid(moving, grid, pts)
+            warped = warp(moving, disp).data[0].numpy()
             levels = np.percentile(warped[warped > warped.min()], [50, 75, 90]) if np.ptp(warped) > 0 else []
             contours, kind = np.digitize(warped, levels).astype(np.int32), "intensity"
             notes.append("no labels: contours of the warped moving image at its 50/75/90th intensity percentiles")
