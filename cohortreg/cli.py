@@ -133,7 +133,7 @@ def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
     from workflows import get_workflow
 
     wf = get_workflow(args.workflow)
-    store = _store_path(args.store)
+    store = Path(args.store)  # plan() refuses a store path that is a file
     plan = wf.plan(store, subjects=read_manifest(args.manifest) if args.manifest else None, method=args.method,
                    config=args.config, pairs=args.pairs, atlas=args.atlas, direction=args.direction,
                    pair_list=args.pair_list)

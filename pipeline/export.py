@@ -28,15 +28,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-import zarr
 
 from regcore import Image, InputError, write_image
 from regcore.export import write_displacement, write_field_transform
 from regcore.fields import invert_onto
 
-from .store import read_field, read_layout, read_warped_labels
+from .store import open_root, read_field, read_layout, read_warped_labels
 from .zarrio import grid_from_attrs
 
 __all__ = ["export_store", "FORMATS", "bids_label"]
@@ -76,7 +74,7 @@ def export_store(store: str | Path, out: str | Path, fmt: str = "itk", inverse: 
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     layout = read_layout(store)
-    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    root = open_root(store, "r")
     status = [str(s) for s in root["status"][...]]
     images = {k: dict(g.attrs) for k, g in root["images"].groups()} if "images" in root else {}
     chosen = [layout.index(p) for p in pairs] if pairs is not None else list(range(len(layout.pairs)))
@@ -144,7 +142,7 @@ def _dataset_description(out: Path, store: str | Path) -> Path:
         ours = version("cohortreg")
     except PackageNotFoundError:  # pragma: no cover
         ours = "unknown"
-    attrs = dict(zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False).attrs)
+    attrs = dict(open_root(store, "r").attrs)
     desc = {"Name": "cohortreg registrations", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "cohortreg", "Version": ours,
                              "Description": f"method {attrs.get('method', '?')}, config hash "

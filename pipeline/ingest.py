@@ -34,6 +34,7 @@ from regcore.pyramid import downsample
 
 from .manifest import Subject
 from .zarrio import grid_attrs, level_name, write_image_array
+from .store import open_root
 
 __all__ = ["ingest", "ingest_subject", "IngestReport", "LEVELS", "images_group", "subject_fingerprint", "source_files",
            "ingested_subjects"]
@@ -46,7 +47,7 @@ INGEST_VERSION = 1
 
 def images_group(store: str | Path) -> zarr.Group:
     """The ``images`` group of a cohort store (created if needed)."""
-    root = zarr.open_group(str(store), mode="a", zarr_format=3, use_consolidated=False)
+    root = open_root(store, "a")
     return root.require_group("images")
 
 
@@ -246,7 +247,7 @@ def ingest(subjects: Sequence[Subject], store: str | Path, client: Any = None, f
 
 def ingested_subjects(store: str | Path) -> list[Subject]:
     """The subjects already ingested in ``store`` (their recorded names, sessions and sources)."""
-    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False) if Path(store).exists() else None
+    root = open_root(store, "r") if Path(store).exists() else None
     if root is None or "images" not in root:
         raise InputError(f"store {str(store)!r}: nothing ingested; pass --manifest")
     out = []

@@ -23,7 +23,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import zarr
 
 from regcore import InputError, method_config
 from regcore.config import MethodConfig, config_hash, legacy_config_hash
@@ -89,7 +88,7 @@ def _subject_attrs(store: str | Path) -> dict[str, dict[str, Any]]:
 def _recorded(store: str | Path, index: int, name: str) -> str:
     """One per-pair string the task recorded in the store (e.g. its ``worker``), or ``""``."""
     with contextlib.suppress(Exception):
-        return str(zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)[name][index])
+        return str(open_root(store, "r")[name][index])
     return ""
 
 
@@ -104,13 +103,13 @@ def _running(store: str | Path, indices: Any) -> int:
     idx = list(indices)
     if not idx:
         return 0
-    status = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)["status"]
+    status = open_root(store, "r")["status"]
     return sum(str(status[i]) == "running" for i in idx)
 
 
 def _mark_interrupted(store: str | Path, indices: Sequence[int]) -> list[int]:
     """After Ctrl-C: pairs left ``running`` become ``interrupted`` (incomplete; a rerun redoes them)."""
-    root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
+    root = open_root(store, "r+")
     out = []
     for i in indices:
         if str(root["status"][i]) == "running":

@@ -367,7 +367,8 @@ def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_g
     known = set(old)
     new = [p for p in pairs if p not in known]
     n_old, n = len(old), len(old) + len(new)
-    new_labels = [int(v) for v in labels if int(v) not in set(layout.labels)]
+    known_labels = set(layout.labels)
+    new_labels = [int(v) for v in labels if int(v) not in known_labels]
     all_labels = list(layout.labels) + new_labels
     grids = {p: fixed_grids.get(p.fixed) for p in new}
     if layout.stacked:

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from regcore import Image, InfrastructureError, InputError, register
 from regcore.config import MethodConfig, config_hash
 from regcore.pair_metrics import evaluate_pair
 
-from .store import PairWriter, pair_checksum
+from .store import PairWriter, open_root, pair_checksum
 from .zarrio import level_name, read_image_array
 
 __all__ = ["register_pair", "load_subject", "pair_metrics", "inputs_hash", "worker_device", "is_infrastructure_error"]
@@ -59,7 +58,7 @@ def load_subject(store: str | Path, key: str, role: str) -> dict[str, Any]:
     """An ingested subject: ``image`` (Image), ``levels`` (factor -> downsampled Image, the stored
     pyramid), ``labels``/``mask`` (Image or None), ``landmarks``
     (``(N, D)`` world mm or None) and ``sha`` (content hash). ``role`` names it in errors."""
-    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    root = open_root(store, "r")
     path = f"images/{key}"
     if path not in root:
         raise InputError(f"{role} image {key!r}: not ingested (run `cohortreg ingest`)")

@@ -256,7 +256,8 @@ def register(
     )
 
 
-def _cached(cache: dict, key: tuple, make: Callable[[], Image]) -> Image:
+def _cached(cache: dict, key: tuple, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` the first time."""
     if key not in cache:
         cache[key] = make()
     return cache[key]
@@ -265,11 +266,11 @@ def _cached(cache: dict, key: tuple, make: Callable[[], Image]) -> Image:
 def _normalized(cache: dict, which: str, image: Image, mode: str):
     """``(intensity window, normalised image)`` of ``image`` for a stage's ``normalize`` mode,
     computed once per registration."""
-    key = (which, mode, "window")
-    if key not in cache:
+    def make():
         window = intensity_window(image.data, mode)
-        cache[key] = (window, image.with_data(apply_window(image.data, window, mode)))
-    return cache[key]
+        return window, image.with_data(apply_window(image.data, window, mode))
+
+    return _cached(cache, (which, mode, "window"), make)
 
 
 def _level_image(normalized: Image, levels: Mapping[float, Image] | None, window, factor: float,

@@ -29,9 +29,10 @@ def write_propagated_labels(plan: "RunPlan", summary: RunSummary) -> list[Path]:
     """Write the propagated labels of every complete pair of the plan; the paths written."""
     layout = read_layout(plan.store)
     complete = set(summary.complete) | set(summary.skipped)
+    planned = set(plan.pairs)
     out = []
     for i, pair in enumerate(layout.pairs):
-        if i not in complete or pair not in set(plan.pairs):
+        if i not in complete or pair not in planned:
             continue
         labels = read_warped_labels(plan.store, i)
         if labels is None:

@@ -26,7 +26,7 @@ from regcore import Grid, Image
 from regcore.regularizers import jacobian_determinant
 from regcore.pair_metrics import warp
 
-from ..store import read_field, read_warped_labels
+from ..store import open_root, read_field, read_warped_labels
 from ..zarrio import read_image_array
 from .orientation import PlaneView, plane_views, take_slice
 
@@ -80,7 +80,7 @@ def load_pair_images(store: str | Path, index: int, fixed_key: str, moving_key: 
     disp = read_field(store, index)
     grid = disp.grid
     notes: list[str] = []
-    root = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)  # never stale metadata
+    root = open_root(store, "r")  # never stale metadata
     fixed_img = _stored_image(root, fixed_key)
     fixed = _on_grid(fixed_img, grid) if fixed_img is not None else None
     if fixed is None:
