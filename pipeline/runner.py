@@ -2,11 +2,14 @@
 
 ``run_pairs`` initialises the results store (driver only), works out which pairs still need work
 (a pair is skipped when it is ``complete`` with the same method-config hash and the same input
-content hashes), submits them with ``client.submit`` (``retries`` for infrastructure failures,
-``resources={"GPU": 1}`` on GPU clusters) keeping at most ``window`` in flight, and records every
-outcome. A pair whose future fails (its worker died, its task was lost) is marked ``failed`` in the
-store by the driver with the exception; the run goes on. Every run writes a JSON-lines log and a
-Dask performance report under ``STORE/logs/``.
+content hashes), groups the pending pairs that share a fixed image into tasks of up to
+``batch_size`` pairs (:func:`plan_tasks`; one pair per task by default), submits them with
+``client.submit`` (``retries`` for infrastructure failures, ``resources={"GPU": 1}`` on GPU
+clusters) keeping at most ``window`` tasks in flight, and records every pair's outcome. When a
+task's future fails (its worker died, its task was lost) the driver marks each of its pairs that
+is not complete in the store ``failed`` with the exception; a pair the task completed before it
+died stays complete. The run goes on. Every run writes a JSON-lines log and a Dask performance
+report under ``STORE/logs/``.
 """
 
 from __future__ import annotations
@@ -29,14 +32,58 @@ from regcore.config import MethodConfig, config_hash, legacy_config_hash
 
 from .pairs import Pair
 from .store import consolidate, init_results, mark_failed, open_root, read_layout, read_status
-from .task import inputs_hash, register_pair
+from .task import inputs_hash, register_batch_task
 from .zarrio import grid_from_attrs
 
-__all__ = ["RunSummary", "run_pairs", "plan_pairs", "package_versions"]
+__all__ = ["RunSummary", "run_pairs", "plan_pairs", "plan_tasks", "batch_setting", "AUTO_BATCH_CAP", "package_versions"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, int], dict[str, Any] | None], None]
+
+#: ``batch_size="auto"`` on a GPU cluster: the most pairs the runner puts in one task; the task
+#: then registers as many at once as fit its device (:func:`regcore.batch.max_batch_size`).
+AUTO_BATCH_CAP = 32
+
+
+def batch_setting(value: Any) -> int | str:
+    """A ``batch_size`` setting checked: a whole number >= 1 or ``"auto"`` (None: 1)."""
+    if value is None:
+        return 1
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+    elif isinstance(value, (int,)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise InputError(f"batch size {value!r}: must be a whole number >= 1 or 'auto'")
+
+
+def plan_tasks(pairs: Sequence[Pair], todo: Sequence[int], batch_size: int | str | None = 1, *, gpu: bool = False,
+               slots: int = 1) -> list[list[int]]:
+    """The pending pairs ``todo`` (rows of ``pairs``) grouped into tasks: pairs that share a fixed
+    image, at most ``batch_size`` per task, ordered by each task's first pair in ``todo`` (one pair
+    per task: exactly the order of ``todo``).
+
+    ``batch_size="auto"``: 1 per task on CPU clusters (batching does not pay there); on GPU
+    clusters up to :data:`AUTO_BATCH_CAP`, and no more than an even share of the pending pairs
+    over the task ``slots`` (so that 8 pairs on 4 GPUs make 4 tasks, not one); the task then
+    registers as many at once as fit its device.
+    """
+    size = batch_setting(batch_size)
+    if size == "auto":
+        size = max(1, min(AUTO_BATCH_CAP, -(-len(todo) // max(1, slots)))) if gpu else 1
+    tasks: list[list[int]] = []
+    open_task: dict[str, list[int]] = {}  # fixed key -> the task still filling up
+    for i in todo:
+        task = open_task.get(pairs[i].fixed)
+        if task is None or len(task) >= size:
+            task = open_task[pairs[i].fixed] = []
+            tasks.append(task)  # in the order of each task's first pair
+        task.append(i)
+    return tasks
 
 
 def package_versions() -> dict[str, str]:
@@ -105,6 +152,24 @@ def _running(store: str | Path, indices: Any) -> int:
         return 0
     status = open_root(store, "r")["status"]
     return sum(str(status[i]) == "running" for i in idx)
+
+
+def _gpu_slots(client: Any, default: int) -> int:
+    """Tasks a GPU cluster runs at once: the workers' ``GPU`` resources (else ``default``)."""
+    with contextlib.suppress(Exception):
+        workers = client.scheduler_info()["workers"].values()
+        total = sum(int(w.get("resources", {}).get("GPU", 0)) for w in workers)
+        if total > 0:
+            return total
+    return default
+
+
+def _statuses(store: str | Path, indices: Sequence[int]) -> dict[int, str]:
+    """The stored status of each of ``indices`` ({} when the store cannot be read)."""
+    with contextlib.suppress(Exception):
+        status = open_root(store, "r")["status"]
+        return {i: str(status[i]) for i in indices}
+    return {}
 
 
 def _mark_interrupted(store: str | Path, indices: Sequence[int]) -> list[int]:
@@ -206,17 +271,22 @@ def run_pairs(
     root_attrs: dict[str, Any] | None = None,
     performance_report: bool = True,
     allow_removed: bool = False,
+    batch_size: int | str | None = 1,
 ) -> RunSummary:
     """Register ``pairs`` of an ingested ``store`` on the cluster behind ``client``.
 
     Args:
         method, config: a regcore preset (or full config) and overrides; hashed per pair.
-        window: futures in flight at once (default: 2 x the workers' task slots).
+        window: tasks (futures) in flight at once (default: 2 x the workers' task slots); with
+            ``batch_size`` > 1 a task holds up to that many pairs.
         retries: Dask retries per task for infrastructure failures (a dead worker).
         gpu: annotate tasks with ``resources={"GPU": 1}``.
         force: rerun pairs even when complete with the same config.
         progress: called with the counts (and the finished pair's result dict) after each event.
         allow_removed: the store may hold pairs that ``pairs`` lacks (they are left untouched).
+        batch_size: pairs sharing a fixed image per task, registered together (see
+            :func:`plan_tasks`): 1 (default), a number, or ``"auto"`` (GPU clusters: as many as fit
+            the device; CPU: 1).
 
     Indices in the summary (and ``pair`` in the store) are rows of the store's pair table, which
     is append-only: on a store that grew they need not match positions in ``pairs``.
@@ -226,6 +296,7 @@ def run_pairs(
     t0 = time.perf_counter()
     cfg = method_config(method, config)
     chash = config_hash(cfg)
+    batch = batch_setting(batch_size)
     todo, skip = plan_pairs(store, pairs, cfg, root_attrs, force, allow_removed)
     total = len(todo) + len(skip)
     pairs = read_layout(store).pairs  # the store's table: indices below are its rows
@@ -236,6 +307,9 @@ def run_pairs(
                          log_path=str(logs / f"run-{stamp}.jsonl"), dashboard=str(getattr(client, "dashboard_link", "")))
     slots = sum(getattr(client, "nthreads", lambda: {})().values()) if todo else 1
     window = max(1, window or 2 * max(1, slots))
+    tasks = plan_tasks(pairs, todo, batch, gpu=gpu, slots=_gpu_slots(client, slots) if gpu else slots)
+    # "auto" on a GPU: the task registers as many of its pairs at once as fit its device
+    task_batch: int | str | None = "auto" if batch == "auto" and gpu else None
     counts = {"done": 0, "failed": 0, "skipped": len(skip), "running": 0, "total": total}
     cfg_dict = json.loads(cfg.model_dump_json())
     report_cm: Any = contextlib.nullcontext()
@@ -248,55 +322,77 @@ def run_pairs(
             logf.flush()
 
         event("start", store=str(store), method=cfg.name, config_hash=chash, pairs=total, to_run=len(todo),
-              skipped=len(skip), window=window, retries=retries, gpu=gpu, dashboard=summary.dashboard,
-              versions=package_versions())
+              skipped=len(skip), window=window, retries=retries, gpu=gpu, batch_size=batch, tasks=len(tasks),
+              dashboard=summary.dashboard, versions=package_versions())
         if progress:
             progress(dict(counts), None)
-        queue = list(todo)
-        futures: dict[Any, int] = {}
+        queue = list(tasks)
+        futures: dict[Any, list[int]] = {}
         annotations = {"resources": {"GPU": 1}} if gpu else {}
 
-        def submit(i: int) -> Any:
-            fut = client.submit(register_pair, str(store), i, cfg_dict, key=f"pair-{i}-{chash[:12]}-{stamp}",
-                                retries=retries, pure=False, **annotations)
-            futures[fut] = i
+        def submit(indices: list[int]) -> Any:
+            key = (f"pair-{indices[0]}-{chash[:12]}-{stamp}" if len(indices) == 1
+                   else f"pairs-{indices[0]}-n{len(indices)}-{chash[:12]}-{stamp}")
+            fut = client.submit(register_batch_task, str(store), indices, cfg_dict, batch_size=task_batch,
+                                skip_complete=not force, key=key, retries=retries, pure=False, **annotations)
+            futures[fut] = indices
             return fut
+
+        def lost(indices: list[int], exc: BaseException) -> list[dict[str, Any]]:
+            """The task never returned (a dead worker, a lost task, a store failure): each of its
+            pairs that the store holds as complete stays so; the others are marked failed."""
+            status = _statuses(store, indices)
+            out = []
+            for i in indices:
+                if status.get(i) == "complete":  # finished before the task died: kept
+                    out.append({"index": i, "pair_id": pairs[i].pair_id, "status": "complete", "error": "",
+                                "checksum": _recorded(store, i, "checksum"), "worker": _recorded(store, i, "worker"),
+                                "device": _recorded(store, i, "device"), "recovered": True})
+                    continue
+                msg = f"{pairs[i].pair_id}: task lost ({type(exc).__name__}: {exc})"
+                log.error(msg)
+                worker = _recorded(store, i, "worker") or _worker_in(str(exc))
+                event("worker_lost", index=i, pair_id=pairs[i].pair_id, worker=worker, task_pairs=len(indices),
+                      death=deaths.last() or "unknown (no local nanny reported it)",
+                      error=f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(Exception):
+                    mark_failed(store, i, msg, "".join(traceback.format_exception(exc)))
+                out.append({"index": i, "pair_id": pairs[i].pair_id, "status": "failed", "error": msg})
+            return out
 
         deaths = _WorkerDeaths()
         ac = as_completed([submit(queue.pop(0)) for _ in range(min(window, len(queue)))])
         try:
             with deaths:
                 for fut in ac:
-                    i = futures.pop(fut)
+                    indices = futures.pop(fut)
                     try:
-                        res = fut.result()
-                    except Exception as exc:  # the task never finished: a dead worker, a lost task, a store failure
-                        msg = f"{pairs[i].pair_id}: task lost ({type(exc).__name__}: {exc})"
-                        log.error(msg)
-                        worker = _recorded(store, i, "worker") or _worker_in(str(exc))
-                        event("worker_lost", index=i, pair_id=pairs[i].pair_id, worker=worker,
-                              death=deaths.last() or "unknown (no local nanny reported it)",
-                              error=f"{type(exc).__name__}: {exc}")
-                        with contextlib.suppress(Exception):
-                            mark_failed(store, i, msg, "".join(traceback.format_exception(exc)))
-                        res = {"index": i, "pair_id": pairs[i].pair_id, "status": "failed", "error": msg}
+                        results = list(fut.result())
+                    except Exception as exc:
+                        results = lost(indices, exc)
                     fut.release()
-                    summary.results[i] = res
-                    if res["status"] == "complete":
-                        summary.complete.append(i)
-                        counts["done"] += 1
-                    else:
-                        summary.failed.append(i)
-                        summary.errors[i] = res.get("error", "")
-                        counts["failed"] += 1
-                    event("pair", **res)
+                    if len(indices) > 1:
+                        event("task", indices=indices, batch_sizes=sorted({r.get("batch_size", 0) for r in results}),
+                              worker=next((r.get("worker") for r in results if r.get("worker")), ""))
+                    for res in results:
+                        i = res["index"]
+                        summary.results[i] = res
+                        if res["status"] == "complete":
+                            summary.complete.append(i)
+                            counts["done"] += 1
+                        else:
+                            summary.failed.append(i)
+                            summary.errors[i] = res.get("error", "")
+                            counts["failed"] += 1
+                        event("pair", **res)
                     if queue:
                         ac.add(submit(queue.pop(0)))
-                    counts["running"] = _running(store, futures.values())
+                    counts["running"] = _running(store, [i for idx in futures.values() for i in idx])
                     if progress:
-                        progress(dict(counts), res)
+                        for res in results:
+                            progress(dict(counts), res)
         except KeyboardInterrupt:
-            in_flight = sorted(futures.values())
+            in_flight = sorted(i for idx in futures.values() for i in idx)
             with contextlib.suppress(Exception):
                 client.cancel(list(futures))
             interrupted = _mark_interrupted(store, in_flight)
