@@ -10,6 +10,10 @@ Profiles (``profiles.yaml`` beside this module, or a user YAML with the same str
 - ``slurm``: ``dask_jobqueue.SLURMCluster`` with ``--gres=gpu:1`` and ``--resources GPU=1``.
 - ``address``: connect to a running scheduler.
 
+Every profile may set ``batch_size`` (pairs sharing a fixed image registered together in one
+task: a number, or ``auto``; ``local`` 1, ``local-gpu`` and ``slurm`` auto): the default of
+``cohortreg run --batch-size`` (:attr:`ClusterHandle.batch_size`).
+
 Torch is initialised once per worker by :class:`cluster.plugins.TorchSetup`.
 """
 
@@ -86,6 +90,11 @@ class ClusterHandle:
     @property
     def dashboard_link(self) -> str:
         return str(getattr(self.client, "dashboard_link", "") or "")
+
+    @property
+    def batch_size(self) -> int | str:
+        """The profile's ``batch_size`` (1 when it sets none)."""
+        return self.settings.get("batch_size") or 1
 
     @property
     def gpu(self) -> bool:

@@ -3,7 +3,7 @@
 ::
 
     cohortreg ingest MANIFEST STORE                      # images -> STORE/images (idempotent)
-    cohortreg run STORE --manifest MANIFEST --workflow atlas --atlas KEY [--method affine+svf]
+    cohortreg run STORE --manifest MANIFEST --workflow atlas --atlas KEY [--method affine+svf] [--batch-size N|auto]
     cohortreg status STORE [--verify]                    # complete / failed / pending, errors
     cohortreg verify STORE                               # recompute every complete pair's checksum
     cohortreg report STORE [--worst 10 --metric dice_after] [--csv F] [--html F] [--pair ID]
@@ -46,6 +46,26 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="torch threads per worker")
     g.add_argument("--address", help="scheduler address for --profile address")
     g.add_argument("--cluster-config", help="YAML file of cluster profiles overriding the built-in ones")
+
+
+def _add_batch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", metavar="N|auto",
+                   help="pairs sharing a fixed image registered together in one task (default: the profile's: "
+                        "1 for local, auto for local-gpu and slurm; auto = as many as fit the GPU, 1 on CPU)")
+
+
+def _batch_size(args: argparse.Namespace, handle: Any = None) -> int | str:
+    """``--batch-size``, else the profile's ``batch_size``; checked before any cluster starts."""
+    from pipeline.runner import batch_setting
+
+    if getattr(args, "batch_size", None) is not None:
+        return batch_setting(args.batch_size)
+    if handle is not None:
+        return batch_setting(handle.batch_size)
+    from cluster.profiles import profile_settings
+
+    return batch_setting(profile_settings(getattr(args, "profile", "local"),
+                                          getattr(args, "cluster_config", None)).get("batch_size"))
 
 
 def _cluster(args: argparse.Namespace):
@@ -133,6 +153,7 @@ def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
     from workflows import get_workflow
 
     wf = get_workflow(args.workflow)
+    batch_size = _batch_size(args, handle)
     store = Path(args.store)  # plan() refuses a store path that is a file
     plan = wf.plan(store, subjects=read_manifest(args.manifest) if args.manifest else None, method=args.method,
                    config=args.config, pairs=args.pairs, atlas=args.atlas, direction=args.direction,
@@ -145,7 +166,8 @@ def run_workflow(args: argparse.Namespace, handle: Any = None) -> "Any":
             try:
                 summary = wf.run(plan, handle.client, force=args.force, window=args.window, retries=args.retries,
                                  gpu=handle.gpu, progress=bar, allow_removed=getattr(args, "allow_removed", False),
-                                 on_ingest=lambda report: print(report.summary(), file=sys.stderr))
+                                 on_ingest=lambda report: print(report.summary(), file=sys.stderr),
+                                 batch_size=batch_size)
             finally:
                 bar.close()
         finally:
@@ -280,12 +302,13 @@ def _cmd_template(args: argparse.Namespace) -> int:
     method_config(args.method, args.config)  # checked before the cluster starts
     if args.initial and not Path(args.initial).is_file():
         raise InputError(f"initial template {args.initial!r}: no such file")
+    batch_size = _batch_size(args)
     with _lock(store, args):
         handle = _cluster(args)
         try:
             result = TEMPLATE.run(subjects, store, handle.client, iterations=args.iterations, method=args.method,
                                   initial=args.initial, step=args.step, sharpen=args.sharpen, config=args.config,
-                                  min_warp_mm=args.min_warp_mm)
+                                  min_warp_mm=args.min_warp_mm, gpu=handle.gpu, batch_size=batch_size)
         finally:
             handle.close()
     print(f"{'iteration':>9} {'method':<12} {'mean warp mm':>12} {'NCC':>7} {'label Dice':>10} {'s':>7}")
@@ -314,7 +337,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair-list", help="CSV with fixed,moving columns for --pairs list")
     p.add_argument("--method", help="regcore preset or chain (default: the store's last method, else the workflow's)")
     p.add_argument("--config", help="YAML overrides deep-merged over the method")
-    p.add_argument("--window", type=int, help="futures in flight (default 2 x task slots)")
+    p.add_argument("--window", type=int, help="tasks in flight (default 2 x task slots; a task holds up to "
+                                               "--batch-size pairs)")
     p.add_argument("--retries", type=int, default=1, help="Dask retries for lost tasks (default 1)")
     p.add_argument("--force", action="store_true", help="rerun pairs that are already complete")
     p.add_argument("--allow-removed", action="store_true",
@@ -322,6 +346,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-unlock", action="store_true",
                    help="remove the store's lock first (only when no other run is active on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_batch_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpen", type=float, default=0.5, help="unsharp-mask amount per iteration (0: none)")
     p.add_argument("--min-warp-mm", type=float, default=0.0, help="stop once the mean warp is below this (mm)")
     p.add_argument("--force-unlock", action="store_true", help="remove the store's lock first")
+    _add_batch_arg(p)
     _add_cluster_args(p)
     p.set_defaults(func=_cmd_template)
 

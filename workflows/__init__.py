@@ -85,15 +85,16 @@ class Workflow:
 
     def run(self, plan: RunPlan, client: Any, *, force: bool = False, window: int | None = None, retries: int = 1,
             gpu: bool = False, progress: Progress | None = None, allow_removed: bool = False,
-            on_ingest: Callable[[IngestReport], None] | None = None) -> RunSummary:
-        """Ingest the plan's subjects (if any) and register its pairs on the cluster behind ``client``."""
+            on_ingest: Callable[[IngestReport], None] | None = None, batch_size: int | str | None = 1) -> RunSummary:
+        """Ingest the plan's subjects (if any) and register its pairs on the cluster behind ``client``
+        (``batch_size``: pairs sharing a fixed image per task, see :func:`pipeline.runner.plan_tasks`)."""
         if plan.subjects is not None:
             report = ingest(plan.subjects, plan.store, client)
             if on_ingest:
                 on_ingest(report)
         summary = run_pairs(client, plan.store, plan.pairs, plan.method, plan.config, window=window, retries=retries,
                             gpu=gpu, force=force, progress=progress, allow_removed=allow_removed,
-                            root_attrs={"workflow": self.name, "pairing": plan.pairing})
+                            batch_size=batch_size, root_attrs={"workflow": self.name, "pairing": plan.pairing})
         if self.post_step is not None:
             summary.outputs = [str(p) for p in self.post_step(plan, summary)]
         return summary

@@ -123,6 +123,8 @@ def build_template(
     min_warp_mm: float = 0.0,
     config: dict | str | Path | None = None,
     on_pair: Callable[[dict[str, int], dict[str, Any] | None], None] | None = None,
+    gpu: bool = False,
+    batch_size: int | str | None = 1,
 ) -> TemplateResult:
     """Build (or resume) a template of ``subjects`` in ``store`` on the cluster behind ``client``.
 
@@ -138,6 +140,8 @@ def build_template(
         min_warp_mm: stop early once the mean-warp norm falls below this (mm).
         config: overrides for ``method``.
         on_pair: progress callback passed to each iteration's run.
+        gpu, batch_size: as for :func:`pipeline.runner.run_pairs` (every subject shares the fixed
+            template, so a GPU cluster can register them in batches).
 
     Returns:
         the final template, its labels, its path and every iteration's statistics (also stored).
@@ -177,7 +181,8 @@ def build_template(
         else:
             fixed = Subject(TEMPLATE_KEY, template_path, labels=labels_path)  # type: ignore[arg-type]
             run_method, run_config = method, config
-        summary, fields = _register_all(subjects, fixed, folder / "pairs.zarr", client, run_method, run_config, on_pair)
+        summary, fields = _register_all(subjects, fixed, folder / "pairs.zarr", client, run_method, run_config, on_pair,
+                                          gpu, batch_size)
         template_image = read_image(fixed.image)
         stat, template, labels = _update(images, label_maps, fields, template_image.grid, k, step, sharpen)
         stat.method, stat.pairs_submitted = run_method, len(summary.submitted)
@@ -214,13 +219,15 @@ def _write_zarr(path: Path, template: Image, labels: Image | None) -> None:
 
 
 def _register_all(subjects: Sequence[Subject], fixed: Subject, pairs_store: Path, client: Any, method: str,
-                  config: Any, on_pair: Any) -> tuple[RunSummary, list[torch.Tensor | None]]:
+                  config: Any, on_pair: Any, gpu: bool = False,
+                  batch_size: int | str | None = 1) -> tuple[RunSummary, list[torch.Tensor | None]]:
     """Every subject -> ``fixed`` in one iteration's store (resumable); the fields (None: failed)."""
     report = ingest([fixed, *subjects], pairs_store, client)
     if any(r["key"] == TEMPLATE_KEY and r["status"] == "failed" for r in report.results):
         raise InputError(f"template image {str(fixed.image)!r}: {report.failed[0]['error']}")
     pairs = [Pair(f"{s.key}--to--{TEMPLATE_KEY}", TEMPLATE_KEY, s.key) for s in subjects]
-    summary = run_pairs(client, pairs_store, pairs, method, config, progress=on_pair, performance_report=False)
+    summary = run_pairs(client, pairs_store, pairs, method, config, progress=on_pair, performance_report=False,
+                        gpu=gpu, batch_size=batch_size)
     status = zarr.open_group(str(pairs_store), mode="r", zarr_format=3)["status"]
     fields: list[torch.Tensor | None] = []
     for i in range(len(subjects)):
