@@ -18,49 +18,18 @@ box give exactly what sampling that image alone gives, so a batch reproduces sin
 
 from __future__ import annotations
 
-import logging
-import math
-import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from .config import MethodConfig
-from .errors import InfrastructureError
 from .grid import Grid
 from .image import Image
 from .methods import method_config
-from .registration import RegistrationResult, register
+from .registration import RegistrationFailure, RegistrationResult, register_pairs
 
 __all__ = ["register_batch", "RegistrationFailure", "is_out_of_memory", "estimate_pair_bytes", "max_batch_size"]
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class RegistrationFailure:
-    """A pair of a batch that could not be registered; the other pairs are unaffected.
-
-    Attributes:
-        index: position of the pair in the batch.
-        method: the method's name.
-        error: the exception (an :class:`~regcore.errors.InputError` for bad input, a
-            :class:`~regcore.errors.RegistrationError` when the optimisation failed).
-        traceback: the formatted traceback.
-    """
-
-    index: int
-    method: str
-    error: Exception
-    traceback: str = ""
-
-    ok = False
-
-    @property
-    def message(self) -> str:
-        return str(self.error)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -141,19 +110,5 @@ def register_batch(
         torch.cuda.OutOfMemoryError, MemoryError: the batch does not fit the device; nothing
             is returned, so the caller can split the batch and retry.
     """
-    cfg = method_config(method, config)
-    n = len(movings)
-    masks = list(moving_masks) if moving_masks is not None else [None] * n
-    levels = list(moving_levels) if moving_levels is not None else [None] * n
-    if len(masks) != n or len(levels) != n:
-        raise ValueError(f"register_batch: {n} moving images but {len(masks)} masks and {len(levels)} level sets")
-    out: list[RegistrationResult | RegistrationFailure] = []
-    for b, moving in enumerate(movings):
-        try:
-            out.append(register(fixed, moving, cfg, fixed_mask=fixed_mask, moving_mask=masks[b], device=device,
-                                fixed_levels=fixed_levels, moving_levels=levels[b]))
-        except Exception as exc:
-            if is_out_of_memory(exc) or isinstance(exc, (InfrastructureError, OSError)):
-                raise
-            out.append(RegistrationFailure(b, cfg.name, exc, traceback.format_exc()))
-    return out
+    return register_pairs(fixed, movings, method, config=config, fixed_mask=fixed_mask, moving_masks=moving_masks,
+                          device=device, fixed_levels=fixed_levels, moving_levels=moving_levels)

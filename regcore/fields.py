@@ -41,41 +41,51 @@ def _signed_permutation(grid: Grid) -> list[tuple[int, float]] | None:
     return out
 
 
+def _component_dim(x: torch.Tensor, grid: Grid) -> int:
+    """The dim of a field's components: fields are ``(D, *shape)`` or batched ``(..., D, *shape)``."""
+    return x.dim() - grid.ndim - 1
+
+
 def to_world(axes: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Vectors given along the index axes ``(D, ...)`` (``(x, y[, z])`` index order, per mm) as
-    world components: ``R @ axes`` with ``R`` the direction matrix."""
+    """Vectors given along the index axes ``(..., D, *shape)`` (``(x, y[, z])`` index order, per mm)
+    as world components: ``R @ axes`` with ``R`` the direction matrix."""
+    c = _component_dim(axes, grid)
     perm = _signed_permutation(grid)
     if perm is not None:
         if all(j == i and s > 0 for i, (j, s) in enumerate(perm)):
             return axes
-        return torch.stack([axes[j] if s > 0 else -axes[j] for j, s in perm])
+        return torch.stack([axes.select(c, j) if s > 0 else -axes.select(c, j) for j, s in perm], c)
     rot = grid.direction_matrix
-    return torch.stack([sum(float(rot[i, j]) * axes[j] for j in range(grid.ndim)) for i in range(grid.ndim)])
+    return torch.stack([sum(float(rot[i, j]) * axes.select(c, j) for j in range(grid.ndim)) for i in range(grid.ndim)], c)
 
 
 def to_axes(world: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """World vectors ``(D, ...)`` expressed along the index axes: ``R^T @ world``."""
+    """World vectors ``(..., D, *shape)`` expressed along the index axes: ``R^T @ world``."""
+    c = _component_dim(world, grid)
     perm = _signed_permutation(grid)
     if perm is not None:
         out: list[torch.Tensor | None] = [None] * grid.ndim
         for i, (j, s) in enumerate(perm):
-            out[j] = world[i] if s > 0 else -world[i]
-        return torch.stack(out)  # type: ignore[arg-type]
+            out[j] = world.select(c, i) if s > 0 else -world.select(c, i)
+        return torch.stack(out, c)  # type: ignore[arg-type]
     rot = grid.direction_matrix
-    return torch.stack([sum(float(rot[i, j]) * world[i] for i in range(grid.ndim)) for j in range(grid.ndim)])
+    return torch.stack([sum(float(rot[i, j]) * world.select(c, i) for i in range(grid.ndim)) for j in range(grid.ndim)], c)
 
 
 def axis_gradient(data: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Derivatives of a scalar image ``(*grid.shape)`` along its index axes, per mm: ``(D, *shape)``,
-    ``(d/di_x, d/di_y[, d/di_z]) / spacing``. Central differences, one-sided at the ends."""
+    """Derivatives of a scalar image ``(..., *grid.shape)`` along its index axes, per mm:
+    ``(..., D, *shape)``, ``(d/di_x, d/di_y[, d/di_z]) / spacing``. Central differences, one-sided at
+    the ends."""
+    nd = grid.ndim
+    first = data.dim() - nd
     spacing = tuple(reversed(grid.spacing))  # tensor dim order
-    parts = torch.gradient(data, spacing=spacing)
-    return torch.stack(tuple(reversed(parts)))
+    parts = torch.gradient(data, spacing=spacing, dim=tuple(range(first, data.dim())))
+    return torch.stack(tuple(reversed(parts)), first)
 
 
 def world_gradient(data: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Spatial gradient of a scalar image ``(*grid.shape)`` with respect to world coordinates:
-    ``(D, *grid.shape)``, components ``(d/dx, d/dy[, d/dz])`` in units per mm.
+    """Spatial gradient of a scalar image ``(..., *grid.shape)`` with respect to world coordinates:
+    ``(..., D, *grid.shape)``, components ``(d/dx, d/dy[, d/dz])`` in units per mm.
 
     Central differences along the index axes (one-sided at the ends), divided by the spacing,
     then rotated by the direction matrix (``grad_world = R grad_axes``, ``R`` orthonormal).
@@ -97,7 +107,8 @@ def _central_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def compose_first_order(u: torch.Tensor, step: torch.Tensor, grid: Grid) -> torch.Tensor:
     """The displacement of ``(id + u) o (id + step)`` to first order in ``step``:
-    ``step(x) + u(x) + (grad u)(x) step(x)``, both ``(D, *grid.shape)`` mm.
+    ``step(x) + u(x) + (grad u)(x) step(x)``, both ``(D, *grid.shape)`` mm (or batched alike,
+    ``(..., D, *grid.shape)``).
 
     Exact to ``O(|step|^2 |grad^2 u|)``: for the sub-voxel updates of a greedy optimiser this
     matches resampling ``u`` at ``x + step`` (:func:`regcore.transforms.deformable.compose_displacements`)
@@ -105,12 +116,12 @@ def compose_first_order(u: torch.Tensor, step: torch.Tensor, grid: Grid) -> torc
     along ``step`` is taken along the index axes, ``(grad_world u) step = (grad_axes u) (R^T step)``,
     by central differences (one-sided at the ends).
     """
+    c = _component_dim(u, grid)
     along = to_axes(step, grid)
     out = u + step
-    nd = grid.ndim
-    for k in range(nd):  # index axis k is tensor dim nd - k of the (D, *shape) field
-        weight = along[k] * (0.5 / grid.spacing[k])
-        out.addcmul_(_central_difference(u, nd - k), weight)
+    for k in range(grid.ndim):  # index axis k is the k-th tensor dim from the end
+        weight = along.select(c, k).unsqueeze(c) * (0.5 / grid.spacing[k])
+        out.addcmul_(_central_difference(u, u.dim() - 1 - k), weight)
     return out
 
 

@@ -1,6 +1,7 @@
 """The greedy symmetric optimiser of a :class:`~regcore.transforms.syn.SymmetricDiffeomorphism`
 on one pyramid level (``optimizer: greedy``): ANTs SyN's update, with the similarity's voxel
-gradients from autograd (analytic for ``lcc``).
+gradients from autograd (analytic for ``lcc``). A batch of pairs that share the fixed image runs
+as one set of ``(B, D, *shape)`` tensors, each pair with its own step and stopping rule.
 
 Each iteration, on the level grid (the midpoint space):
 
@@ -27,7 +28,7 @@ import logging
 import math
 import time
 from dataclasses import asdict
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -38,7 +39,7 @@ from .image import Image
 from .objective import Objective
 from .optimize import Callback, LevelRecord
 from .pyramid import gaussian_smooth
-from .sampling import inside_weight, sample_normalized
+from .moving_stack import MovingStack
 from .stopping import Plateau
 from .transforms.syn import SymmetricDiffeomorphism
 
@@ -48,114 +49,204 @@ log = logging.getLogger(__name__)
 
 
 def _smoother(sigma_vox: float, ndim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gaussian smoothing of fields ``(..., D, *shape)`` (sigma in voxels of the level)."""
     if sigma_vox <= 0:
         return lambda field: field
-    return lambda field: gaussian_smooth(field, [sigma_vox] * ndim)
+
+    def smooth(field: torch.Tensor) -> torch.Tensor:
+        shape = field.shape
+        flat = field.reshape(-1, *shape[-ndim:])
+        return gaussian_smooth(flat, [sigma_vox] * ndim).reshape(shape)
+
+    return smooth
 
 
-def _largest_norm(field: torch.Tensor) -> float:
-    return float((field * field).sum(0).max().sqrt())
+def _largest_norms(field: torch.Tensor, ndim: int) -> torch.Tensor:
+    """The largest vector length of each field of a batch ``(B, D, *shape)``: ``(B,)``."""
+    return (field * field).sum(1).flatten(1).amax(1).sqrt()
+
+
+class _MidpointSampler:
+    """Both halves of a batch of pairs sampled at the midpoint grid: the fixed image (shared) at
+    ``x + to_fixed(x)`` and each moving image at ``A_b (x + to_moving_b(x))``."""
+
+    def __init__(self, fixed: Image, movings: Sequence[Image], fixed_mask: Image | None,
+                 moving_masks: Sequence[Image | None], matrices: Sequence[torch.Tensor], overlap_only: bool) -> None:
+        grid = fixed.grid
+        dev, dtype = fixed.device, fixed.dtype
+        self.ndim, self.overlap_only = grid.ndim, overlap_only
+        self.fixed = MovingStack([fixed])
+        self.fixed_mask = MovingStack([fixed_mask]) if fixed_mask is not None else None
+        self.moving = MovingStack(movings)
+        self.moving_mask = (MovingStack(moving_masks, [m.grid for m in movings])
+                            if any(m is not None for m in moving_masks) else None)
+        fixed_sampler = FieldSampler(grid, grid, device=dev, dtype=dtype)
+        self.base_f = fixed_sampler.base  # (*shape, D)
+        self.lin_f = torch.as_tensor(fixed_sampler.linear, dtype=dtype, device=dev)
+        samplers = [FieldSampler(m.grid, grid, a.detach(), device=dev, dtype=dtype) for m, a in zip(movings, matrices)]
+        self.base_m = torch.stack([s.base for s in samplers])  # (B, *shape, D)
+        self.lin_m = torch.as_tensor([s.linear for s in samplers], dtype=dtype, device=dev)  # (B, D, D)
+
+    def _coords(self, base: torch.Tensor, lin: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``base + lin u`` per voxel: ``u`` ``(B', D, *shape)`` -> ``(B', *shape, D)``."""
+        n, d = u.shape[0], self.ndim
+        step = torch.movedim(u, 1, -1).reshape(n, -1, d)
+        step = step @ lin.transpose(-1, -2)  # lin (D, D) or (B', D, D)
+        return base + step.reshape(n, *u.shape[2:], d)
+
+    def sample(self, index: list[int], to_fixed: torch.Tensor, to_moving: torch.Tensor):
+        """``(fixed half (B', 1, *s), moving half (B', 1, *s), mask (B', 1, *s))`` of pairs ``index``."""
+        every = len(index) == len(self.moving)
+        coords_f = self._coords(self.base_f, self.lin_f, to_fixed)
+        coords_m = self._coords(self.base_m if every else self.base_m[index], self.lin_m if every else self.lin_m[index],
+                                to_moving)
+        image_f = self.fixed.sample(coords_f, None, padding="border")
+        image_m = self.moving.sample(coords_m, index, padding="border")
+        if self.overlap_only:
+            mask = self.fixed.inside_weight(coords_f) * self.moving.inside_weight(coords_m, index)
+        else:
+            mask = torch.ones_like(coords_f[..., 0])
+        mask = mask[:, None]
+        if self.fixed_mask is not None:
+            mask = mask * self.fixed_mask.sample(coords_f)
+        if self.moving_mask is not None:
+            mask = mask * self.moving_mask.sample(coords_m, index)
+        return image_f, image_m, mask
 
 
 def optimize_symmetric_level(
-    record: LevelRecord,
+    records: Sequence[LevelRecord],
     stage: StageConfig,
-    transform: SymmetricDiffeomorphism,
+    transforms: Sequence[SymmetricDiffeomorphism],
     objective: Objective,
     fixed: Image,
-    moving: Image,
+    movings: Sequence[Image],
     fixed_mask: Image | None,
-    moving_mask: Image | None,
-    matrix: torch.Tensor,
+    moving_masks: Sequence[Image | None],
+    matrices: Sequence[torch.Tensor],
     max_iter: int,
     level: int,
     callback: Callback | None = None,
-) -> None:
-    """Fit ``transform``'s half fields on the level grid of ``fixed`` (see the module doc).
+) -> dict[int, Exception]:
+    """Fit each pair's half fields on the level grid of ``fixed`` (see the module doc), a batch of
+    B pairs that share the fixed image in one set of ``(B, D, *shape)`` tensors.
 
     Args:
-        record: filled with the losses (before each iteration, then at the end), iterations,
-            evaluations, stop reason and time.
-        fixed, moving: the level's (normalised) images; ``moving`` on its own grid.
-        fixed_mask, moving_mask: optional masks on the same grids.
-        matrix: ``(D+1, D+1)`` fixed -> moving linear map of the previous stages (world mm).
+        records: one per pair, filled with the losses (before each iteration, then at the end),
+            iterations, evaluations, stop reason and time.
+        transforms: one per pair.
+        fixed, movings: the level's (normalised) images; each moving on its own grid.
+        fixed_mask, moving_masks: optional masks on the same grids.
+        matrices: ``(D+1, D+1)`` fixed -> moving linear map of the previous stages (world mm), per pair.
+
+    Each pair has its own loss, stopping rule and step normalisation; a converged pair leaves
+    the active set and stops changing. Returns ``{b: exception}`` for the pairs that failed
+    (non-finite loss, no overlap left); the others' transforms hold their fitted halves.
     """
     t0 = time.perf_counter()
     grid = fixed.grid
     d = grid.ndim
-    transform.set_level(grid)
-    record.size = grid.size
-    record.voxels = grid.numel
-    device, dtype = fixed.device, fixed.dtype
-    to_fixed, to_moving = (f.clone() for f in transform.midpoint_fields())
-    fixed_sampler = FieldSampler(grid, grid, device=device, dtype=dtype)
-    moving_sampler = FieldSampler(moving.grid, grid, matrix.detach(), device=device, dtype=dtype)
+    n = len(transforms)
+    for transform in transforms:
+        transform.set_level(grid)
+    for record in records:
+        record.size, record.voxels, record.stop_reason = grid.size, grid.numel, "max_iterations"
+    to_fixed = torch.stack([t.midpoint_fields()[0] for t in transforms]).clone()
+    to_moving = torch.stack([t.midpoint_fields()[1] for t in transforms]).clone()
+    sampler = _MidpointSampler(fixed, movings, fixed_mask, moving_masks, matrices, objective.overlap_only)
     settings = stage.smoothing
     smooth_update = _smoother(settings.update_sigma_vox if settings else 0.0, d)
     smooth_field = _smoother(settings.field_sigma_vox if settings else 0.0, d)
     step_mm = stage.optimizer.lr * min(grid.spacing)
+    failures: dict[int, Exception] = {}
+    evaluations = [0] * n
 
-    def evaluate(with_gradient: bool):
-        image_f, coords_f = fixed_sampler.sample(fixed.data, to_fixed, padding="border")
-        image_m, coords_m = moving_sampler.sample(moving.data, to_moving, padding="border")
-        if objective.overlap_only:
-            mask = inside_weight(coords_f, grid.size) * inside_weight(coords_m, moving.grid.size)
-        else:
-            mask = torch.ones_like(image_f[0])
-        if fixed_mask is not None:
-            mask = mask * sample_normalized(fixed_mask.data, coords_f)[0]
-        if moving_mask is not None:
-            mask = mask * sample_normalized(moving_mask.data, coords_m)[0]
-        if not bool((mask > 0).any()):
-            raise RegistrationError(
-                f"stage {record.stage} level {level}: the images no longer overlap at the midpoint"
-            )
+    def evaluate(index: list[int], with_gradient: bool):
+        """Losses ``(B',)`` (NaN where a pair has no overlap left), parts, and the forces."""
+        every = len(index) == n
+        image_f, image_m, mask = sampler.sample(index, to_fixed if every else to_fixed[index],
+                                                to_moving if every else to_moving[index])
+        empty = (mask.flatten(1).amax(1) <= 0).tolist()
+        for j in [j for j, e in enumerate(empty) if e]:
+            failures[index[j]] = RegistrationError(
+                f"stage {records[index[j]].stage} level {level}: the images no longer overlap at the midpoint")
+        if any(empty):
+            mask = mask.clone()
+            mask[torch.as_tensor(empty, device=mask.device)] = 1.0  # evaluated but discarded: keeps the others' weights valid
         if not with_gradient:
-            with torch.no_grad():
-                loss, parts = objective.similarity(image_f[None], image_m[None], mask[None, None], grid.spacing)
-            return loss, parts, None
+            losses, parts = objective.similarity_per_pair(image_f, image_m, mask, grid.spacing)
+            return losses, parts, None
         image_f.requires_grad_(True)
         image_m.requires_grad_(True)
         with torch.enable_grad():
-            loss, parts = objective.similarity(image_f[None], image_m[None], mask[None, None], grid.spacing)
-            grad_f, grad_m = torch.autograd.grad(loss, [image_f, image_m])
-        with torch.no_grad():
-            force = world_gradient(image_f.detach()[0], grid) * grad_f[0]
-            force.sub_(world_gradient(image_m.detach()[0], grid) * grad_m[0]).mul_(0.5)
-        return loss, parts, force
+            losses, parts = objective.similarity_per_pair(image_f, image_m, mask, grid.spacing)
+            grad_f, grad_m = torch.autograd.grad(losses.sum(), [image_f, image_m])
+        force = world_gradient(image_f.detach()[:, 0], grid) * grad_f
+        force.sub_(world_gradient(image_m.detach()[:, 0], grid) * grad_m).mul_(0.5)
+        return losses, parts, force
 
-    plateau = Plateau(stage.stopping)
-    record.stop_reason = "max_iterations"
-    evaluations = 0
+    plateaus = [Plateau(stage.stopping) for _ in range(n)]
+    active = list(range(n))
     with torch.no_grad():
         for it in range(max_iter):
-            loss_t, parts, force = evaluate(True)
-            evaluations += 1
-            loss = float(loss_t)
-            if not math.isfinite(loss):
-                raise RegistrationError(f"non-finite loss ({loss}) at stage {record.stage}, level {level}")
-            record.losses.append(loss)
-            record.iterations = it + 1
-            if callback is not None:
-                callback({"event": "iteration", "stage": record.stage, "level": level, "factor": record.factor,
-                          "iteration": it, "loss": loss, "terms": parts})
-            if plateau.update(loss):
-                record.stop_reason = "converged"
+            if not active:
+                break
+            losses, parts, force = evaluate(active, True)
+            keep: list[int] = []  # positions in active of the pairs that step
+            for j, (b, loss) in enumerate(zip(active, losses.tolist())):
+                if b in failures:
+                    continue
+                if not math.isfinite(loss):
+                    failures[b] = RegistrationError(f"non-finite loss ({loss}) at stage {records[b].stage}, level {level}")
+                    continue
+                evaluations[b] += 1
+                record = records[b]
+                record.losses.append(loss)
+                record.iterations = it + 1
+                if callback is not None:
+                    callback({"event": "iteration", "pair": b, "stage": record.stage, "level": level,
+                              "factor": record.factor, "iteration": it, "loss": loss, "terms": parts[j]})
+                if plateaus[b].update(loss):
+                    record.stop_reason = "converged"
+                else:
+                    keep.append(j)
+            if len(keep) != len(active):
+                force = force[keep]
+            index = [active[j] for j in keep]
+            if not index:
                 break
             force = smooth_update(force)
-            largest = _largest_norm(force)
-            if not largest > 0:
-                record.stop_reason = "converged"
-                break
-            force.mul_(step_mm / largest)
-            to_moving = smooth_field(compose_first_order(to_moving, force, grid))
-            to_fixed = smooth_field(compose_first_order(to_fixed, force.neg_(), grid))
-        transform.set_halves(to_fixed, to_moving)
-        final, _, _ = evaluate(False)
-    record.losses.append(float(final))
-    record.evaluations = evaluations + 1
-    record.seconds = time.perf_counter() - t0
-    log.debug("syn stage %d level %d (x%g): %d iterations, loss %.6g, %s", record.stage, level, record.factor,
-              record.iterations, float(final), record.stop_reason)
-    if callback is not None:
-        callback({"event": "level", **asdict(record)})
+            largest = _largest_norms(force, d)
+            moving = largest > 0
+            for j in (~moving).nonzero().flatten().tolist():
+                records[index[j]].stop_reason = "converged"
+            if not bool(moving.all()):
+                force, largest = force[moving], largest[moving]
+                index = [b for b, m in zip(index, moving.tolist()) if m]
+                if not index:
+                    break
+            force.mul_((step_mm / largest).reshape(-1, *([1] * (d + 1))))
+            if len(index) == n:
+                to_moving = smooth_field(compose_first_order(to_moving, force, grid))
+                to_fixed = smooth_field(compose_first_order(to_fixed, force.neg_(), grid))
+            else:
+                to_moving[index] = smooth_field(compose_first_order(to_moving[index], force, grid))
+                to_fixed[index] = smooth_field(compose_first_order(to_fixed[index], force.neg_(), grid))
+            active = index
+        live = [b for b in range(n) if b not in failures]
+        for b in live:
+            transforms[b].set_halves(to_fixed[b], to_moving[b])
+        final = evaluate(live, False)[0].tolist() if live else []
+    seconds = time.perf_counter() - t0
+    for b, value in zip(live, final):
+        if b in failures:
+            continue
+        record = records[b]
+        record.losses.append(float(value))
+        record.evaluations = evaluations[b] + 1
+        record.seconds = seconds
+        log.debug("syn stage %d level %d (x%g) pair %d: %d iterations, loss %.6g, %s", record.stage, level,
+                  record.factor, b, record.iterations, float(value), record.stop_reason)
+        if callback is not None:
+            callback({"event": "level", "pair": b, **asdict(record)})
+    return failures

@@ -57,6 +57,23 @@ class Objective(nn.Module):
             total = total + weight * value
         return total, parts
 
+    def similarity_per_pair(
+        self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None, spacing: tuple[float, ...]
+    ) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """The similarity of each batch element (an independent pair) on its own: ``(N,)`` losses
+        and one ``{term name: value}`` per element. ``fixed`` may have a batch of 1 (shared)."""
+        n = warped.shape[0]
+        if fixed.shape[0] != n:
+            fixed = fixed.expand(n, *fixed.shape[1:])
+        total = warped.new_zeros((n,))
+        values: list[torch.Tensor] = []
+        for weight, term, takes_spacing in zip(self.weights, self.terms, self._takes_spacing):
+            value = term.per_sample(fixed, warped, mask, spacing=spacing) if takes_spacing else term.per_sample(fixed, warped, mask)
+            values.append(value.detach())
+            total = total + weight * value
+        table = torch.stack(values, 1).tolist() if values else [[] for _ in range(n)]
+        return total, [dict(zip(self.names, row)) for row in table]
+
     def regularization(self, field: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, dict[str, float]]:
         """Regularisers on ``field`` ``(D, *grid.shape)`` (mm), with the grid's spacing and direction."""
         total = field.new_zeros(())

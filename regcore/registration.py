@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .config import MethodConfig, StageConfig, config_hash
-from .errors import InputError
+from .errors import InputError, RegistrationError
 from .greedy import optimize_symmetric_level
 from .grid import Grid
 from .image import Image
@@ -36,7 +37,8 @@ from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform, Translation
 from .transforms.svf import StationaryVelocityField
 from .transforms.syn import SymmetricDiffeomorphism
 
-__all__ = ["register", "RegistrationResult", "LevelRecord", "check_pair", "linear_displacement"]
+__all__ = ["register", "register_pairs", "RegistrationResult", "RegistrationFailure", "LevelRecord", "check_pair",
+           "linear_displacement"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class RegistrationResult:
             ``(x, y[, z])``: what an ITK ``DisplacementFieldTransform`` expects.
         jacobian: determinant of the Jacobian of ``T`` on the fixed grid (deformable methods).
         levels: per stage and pyramid level: losses per iteration, iterations, stop reason.
+        seconds: wall time of the registration; for a pair of a batch, the batch's wall time
+            divided by its number of pairs.
     """
 
     method: str
@@ -68,6 +72,8 @@ class RegistrationResult:
     levels: list[LevelRecord]
     seconds: float
     device: str
+
+    ok = True
 
     @property
     def iterations(self) -> int:
@@ -143,6 +149,46 @@ def _make_transform(stage: StageConfig, fixed: Image) -> LinearTransform:
     return LINEAR_TRANSFORMS[stage.transform](fixed.ndim, length_scale=length)
 
 
+@dataclass
+class RegistrationFailure:
+    """A pair of a batch that could not be registered (:func:`regcore.batch.register_batch`); the
+    other pairs of the batch are unaffected.
+
+    Attributes:
+        index: position of the pair in the batch.
+        method: the method's name.
+        error: the exception (an :class:`~regcore.errors.InputError` for bad input, a
+            :class:`~regcore.errors.RegistrationError` when the optimisation failed).
+        traceback: the formatted traceback.
+    """
+
+    index: int
+    method: str
+    error: Exception
+    traceback: str = ""
+
+    ok = False
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
+
+
+@dataclass
+class _Pair:
+    """One pair's state through the stages of a batched registration."""
+
+    index: int
+    name: str
+    moving: Image  # original intensities, on the device
+    mask: Image | None
+    levels: Mapping[float, Image] | None
+    cache: dict = field(default_factory=dict)
+    linear: LinearTransform | None = None
+    deformable: DeformableTransform | None = None
+    records: list[LevelRecord] = field(default_factory=list)
+
+
 def register(
     fixed: Image | str | Path,
     moving: Image | str | Path,
@@ -177,67 +223,198 @@ def register(
         InputError: invalid images, masks or configuration, or no overlap in world space.
         RegistrationError: the optimisation produced a non-finite loss.
     """
+    (result,) = register_pairs(fixed, [moving], method, config=config, fixed_mask=fixed_mask, moving_masks=[moving_mask],
+                               device=device, callback=callback, fixed_levels=fixed_levels, moving_levels=[moving_levels])
+    if isinstance(result, RegistrationFailure):
+        raise result.error
+    return result
+
+
+def _is_pair_failure(exc: BaseException) -> bool:
+    """Errors that concern one pair (its input, its optimisation), not the machine."""
+    return isinstance(exc, (InputError, RegistrationError))
+
+
+def register_pairs(
+    fixed: Image | str | Path,
+    movings: Sequence[Image | str | Path],
+    method: str | dict | MethodConfig,
+    *,
+    config: dict | str | Path | None = None,
+    fixed_mask: Image | None = None,
+    moving_masks: Sequence[Image | None] | None = None,
+    device: torch.device | str | None = None,
+    callback: Callback | None = None,
+    fixed_levels: Mapping[float, Image] | None = None,
+    moving_levels: Sequence[Mapping[float, Image] | None] | None = None,
+) -> list[RegistrationResult | RegistrationFailure]:
+    """Register every moving image to ``fixed``, as one batch (see :mod:`regcore.batch`, whose
+    :func:`~regcore.batch.register_batch` is the public entry point; :func:`register` is a batch
+    of one). Stage by stage and level by level, the pairs whose fixed pyramid schedule is the same
+    (all of them unless the moving images' voxel sizes split a level) are optimised together.
+
+    Returns one :class:`RegistrationResult` or :class:`RegistrationFailure` per moving image.
+    Errors that concern every pair (an invalid config, a bad fixed mask) are raised, as are
+    infrastructure errors (out of memory).
+    """
     t0 = time.perf_counter()
+    n = len(movings)
+    masks = list(moving_masks) if moving_masks is not None else [None] * n
+    pyramids = list(moving_levels) if moving_levels is not None else [None] * n
+    if len(masks) != n or len(pyramids) != n:
+        raise InputError(f"{n} moving images but {len(masks)} moving masks and {len(pyramids)} moving level sets")
     fixed_name = str(fixed) if isinstance(fixed, (str, Path)) else "fixed"
-    moving_name = str(moving) if isinstance(moving, (str, Path)) else "moving"
-    fixed, moving = _as_image(fixed, "fixed"), _as_image(moving, "moving")
-    check_pair(fixed, moving, fixed_name, moving_name)
+    fixed = _as_image(fixed, "fixed")
     cfg = method_config(method, config)
     dev = torch.device(device) if device is not None else fixed.device
-    fixed = fixed.to(dev, torch.float32)
-    moving_orig = moving.to(dev, torch.float32)
-    fmask = _check_mask(fixed_mask.to(dev) if fixed_mask is not None else None, fixed, "fixed mask")
-    mmask = _check_mask(moving_mask.to(dev) if moving_mask is not None else None, moving_orig, "moving mask")
+    out: dict[int, RegistrationResult | RegistrationFailure] = {}
 
-    levels: list[LevelRecord] = []
-    cache: dict = {}  # normalised images and pyramid levels, shared by the stages
-    linear: LinearTransform | None = None
-    deformable: DeformableTransform | None = None
+    def fail(index: int, exc: Exception) -> None:
+        log.warning("pair %d of the batch failed: %s", index, exc)
+        out[index] = RegistrationFailure(index, cfg.name, exc, "".join(traceback.format_exception(exc)))
+
+    pairs: list[_Pair] = []
+    for b, moving in enumerate(movings):
+        name = str(moving) if isinstance(moving, (str, Path)) else ("moving" if n == 1 else f"moving {b}")
+        try:
+            moving = _as_image(moving, name)
+            check_pair(fixed, moving, fixed_name, name)
+            moving = moving.to(dev, torch.float32)
+            mask = _check_mask(masks[b].to(dev) if masks[b] is not None else None, moving, f"{name} mask")
+            pairs.append(_Pair(b, name, moving, mask, pyramids[b]))
+        except Exception as exc:
+            if not _is_pair_failure(exc):
+                raise
+            fail(b, exc)
+    fixed = fixed.to(dev, torch.float32)
+    fmask = _check_mask(fixed_mask.to(dev) if fixed_mask is not None else None, fixed, "fixed mask")
+    fcache: dict = {}  # the fixed image's normalised copies and pyramid levels, shared by stages and pairs
     for s, stage in enumerate(cfg.stages):
-        fwin, fixed_n = _normalized(cache, "fixed", fixed, stage.normalize)
-        mwin, moving_n = _normalized(cache, "moving", moving_orig, stage.normalize)
         objective = Objective.from_config(stage, cfg.seed).to(dev)
-        if stage.deformable:
-            if linear is None:  # a deformable first stage: centre the images with a translation
-                linear = Translation(fixed.ndim).to(dev)
-                initialize_linear(linear, fixed, moving_orig, "none" if stage.init == "previous" else stage.init, fmask, mmask)
-                _check_overlap(fixed, moving_orig, linear, fixed_name, moving_name)
-            deformable = _make_deformable(stage, fixed).to(dev)
-        else:
-            previous = linear
-            linear = _make_transform(stage, fixed).to(dev)
-            if stage.init == "previous" and previous is not None:
-                linear.set_center(previous.center.cpu())
-                linear.set_matrix(previous.matrix().detach().cpu())
-            else:
-                initialize_linear(linear, fixed, moving_orig, "geometry" if stage.init == "previous" else stage.init, fmask, mmask)
-            _check_overlap(fixed, moving_orig, linear, fixed_name, moving_name)
-        level_factors = stage.pyramid.level_factors(fixed.grid.spacing, moving_orig.grid.spacing)
-        for lvl, (factor, moving_factor, max_iter) in enumerate(level_factors):
-            record = LevelRecord(s, stage.transform, factor, ())
-            args = (
-                _cached(cache, ("fixed", stage.normalize, factor, stage.pyramid.min_size),
-                        lambda: _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev)),
-                _cached(cache, ("moving", stage.normalize, moving_factor, stage.pyramid.min_size),
-                        lambda: _level_image(moving_n, moving_levels, mwin, moving_factor, stage, dev)),
-                downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None,
-                downsample(mmask, moving_factor, stage.pyramid.min_size) if mmask is not None else None,
-            )
-            if stage.deformable:
-                _deformable_level(record, stage, deformable, linear.matrix().detach(), objective, *args,
-                                  max_iter, lvl, callback)
-            else:
-                _linear_level(record, stage, linear, objective, *args, max_iter, lvl, cfg.seed, callback)
-            levels.append(record)
+        live = []
+        for pair in (p for p in pairs if p.index not in out):
+            try:
+                _start_stage(pair, stage, fixed, fmask, fixed_name)
+                live.append(pair)
+            except Exception as exc:
+                if not _is_pair_failure(exc):
+                    raise
+                fail(pair.index, exc)
+        schedules: dict[tuple, list[_Pair]] = {}
+        for pair in live:
+            levels = stage.pyramid.level_factors(fixed.grid.spacing, pair.moving.grid.spacing)
+            schedules.setdefault(tuple((f, i) for f, _, i in levels), []).append(pair)
+        for group in schedules.values():
+            _run_stage(s, stage, objective, fixed, fmask, fcache, fixed_levels, group, cfg.seed, callback, fail)
+    seconds = (time.perf_counter() - t0) / max(1, n)
+    for pair in pairs:
+        if pair.index in out:
+            continue
+        try:
+            out[pair.index] = _result(pair, cfg, fixed, dev, seconds)
+        except Exception as exc:
+            if not _is_pair_failure(exc):
+                raise
+            fail(pair.index, exc)
+    return [out[b] for b in range(n)]
+
+
+def _start_stage(pair: _Pair, stage: StageConfig, fixed: Image, fmask: Image | None, fixed_name: str) -> None:
+    """A pair's transform for ``stage``, initialised (raises :class:`InputError` on no overlap)."""
+    dev = fixed.device
+    if stage.deformable:
+        if pair.linear is None:  # a deformable first stage: centre the images with a translation
+            pair.linear = Translation(fixed.ndim).to(dev)
+            initialize_linear(pair.linear, fixed, pair.moving, "none" if stage.init == "previous" else stage.init,
+                              fmask, pair.mask)
+            _check_overlap(fixed, pair.moving, pair.linear, fixed_name, pair.name)
+        pair.deformable = _make_deformable(stage, fixed).to(dev)
+        return
+    previous = pair.linear
+    pair.linear = _make_transform(stage, fixed).to(dev)
+    if stage.init == "previous" and previous is not None:
+        pair.linear.set_center(previous.center.cpu())
+        pair.linear.set_matrix(previous.matrix().detach().cpu())
+    else:
+        initialize_linear(pair.linear, fixed, pair.moving, "geometry" if stage.init == "previous" else stage.init,
+                          fmask, pair.mask)
+    _check_overlap(fixed, pair.moving, pair.linear, fixed_name, pair.name)
+
+
+def _run_stage(s: int, stage: StageConfig, objective: Objective, fixed: Image, fmask: Image | None, fcache: dict,
+               fixed_levels: Mapping[float, Image] | None, group: list[_Pair], seed: int,
+               callback: Callback | None, fail: Callable[[int, Exception], None]) -> None:
+    """Every pyramid level of ``stage`` for a group of pairs with one fixed schedule."""
+    fwin, fixed_n = _normalized(fcache, "fixed", fixed, stage.normalize)
+    dev = fixed.device
+    schedules = [stage.pyramid.level_factors(fixed.grid.spacing, p.moving.grid.spacing) for p in group]
+    for lvl in range(len(schedules[0])):
+        factor, _, max_iter = schedules[0][lvl]
+        fixed_l = _cached(fcache, ("fixed", stage.normalize, factor, stage.pyramid.min_size),
+                          lambda: _level_image(fixed_n, fixed_levels, fwin, factor, stage, dev))
+        fmask_l = downsample(fmask, factor, stage.pyramid.min_size) if fmask is not None else None
+        movings, mmasks = [], []
+        for pair, schedule in zip(group, schedules):
+            mfactor = schedule[lvl][1]
+            mwin, moving_n = _normalized(pair.cache, "moving", pair.moving, stage.normalize)
+            movings.append(_cached(pair.cache, ("moving", stage.normalize, mfactor, stage.pyramid.min_size),
+                                   lambda: _level_image(moving_n, pair.levels, mwin, mfactor, stage, dev)))
+            mmasks.append(downsample(pair.mask, mfactor, stage.pyramid.min_size) if pair.mask is not None else None)
+        records = [LevelRecord(s, stage.transform, factor, ()) for _ in group]
+        relay = None
+        if callback is not None:
+            def relay(event: dict, _group: list[_Pair] = group) -> None:  # positions in the group -> in the batch
+                callback({**event, "pair": _group[event.get("pair", 0)].index})
+        failures = _run_level(stage, objective, group, fixed_l, fmask_l, movings, mmasks, max_iter, lvl, seed, relay, records)
+        for pair, record in zip(group, records):
+            pair.records.append(record)
+        for j, exc in failures.items():
+            fail(group[j].index, exc)
+        keep = [j for j in range(len(group)) if j not in failures]
+        group = [group[j] for j in keep]
+        schedules = [schedules[j] for j in keep]
+        if not group:
+            return
+
+
+def _run_level(stage: StageConfig, objective: Objective, group: list[_Pair], fixed: Image, fmask: Image | None,
+               movings: list[Image], mmasks: list[Image | None], max_iter: int, level: int, seed: int,
+               callback: Callback | None, records: list[LevelRecord]) -> dict[int, Exception]:
+    """One pyramid level of one stage for the pairs of ``group``; ``{position: error}`` of those that failed."""
+    if not stage.deformable:
+        return _linear_level(records, stage, [p.linear for p in group], objective, fixed, movings, fmask, mmasks,
+                             max_iter, level, seed, callback)
+    if isinstance(group[0].deformable, SymmetricDiffeomorphism):
+        return optimize_symmetric_level(records, stage, [p.deformable for p in group], objective, fixed, movings,
+                                        fmask, mmasks, [p.linear.matrix().detach() for p in group], max_iter, level,
+                                        callback)
+    failures: dict[int, Exception] = {}
+    for j, pair in enumerate(group):  # other deformable transforms: one pair at a time
+        try:
+            failed = _deformable_level(records[j], stage, pair.deformable, pair.linear.matrix().detach(), objective,
+                                       fixed, movings[j], fmask, mmasks[j], max_iter, level,
+                                       None if callback is None else (lambda e, _j=j: callback({**e, "pair": _j})))
+        except Exception as exc:
+            if not _is_pair_failure(exc):
+                raise
+            failed = {0: exc}
+        if failed:
+            failures[j] = failed[0]
+    return failures
+
+
+def _result(pair: _Pair, cfg: MethodConfig, fixed: Image, dev: torch.device, seconds: float) -> RegistrationResult:
+    """A registered pair's warped image, total displacement and Jacobian on the fixed grid."""
+    linear, deformable = pair.linear, pair.deformable
     assert linear is not None
     with torch.no_grad():
         matrix = linear.matrix()
         mode = cfg.stages[-1].interpolation
         if deformable is None:
-            warped, _ = warp_linear(moving_orig, fixed.grid, matrix, mode=mode)
+            warped, _ = warp_linear(pair.moving, fixed.grid, matrix, mode=mode)
             displacement, jacobian = linear_displacement(matrix, fixed), None
         else:
-            warped, displacement = _compose(deformable, matrix, fixed, moving_orig, mode)
+            warped, displacement = _compose(deformable, matrix, fixed, pair.moving, mode)
             direction = torch.as_tensor(fixed.grid.direction_matrix, dtype=displacement.dtype, device=dev)
             det = jacobian_determinant(displacement.data[None], spacing=fixed.grid.spacing, direction=direction)
             jacobian = Image(det, fixed.grid)
@@ -250,8 +427,8 @@ def register(
         warped=Image(warped, fixed.grid),
         displacement=displacement,
         jacobian=jacobian,
-        levels=levels,
-        seconds=time.perf_counter() - t0,
+        levels=pair.records,
+        seconds=seconds,
         device=str(dev),
     )
 
@@ -362,25 +539,37 @@ def _check_overlap(fixed: Image, moving: Image, transform: LinearTransform, fixe
 
 
 def _linear_level(
-    record: LevelRecord, stage: StageConfig, transform: LinearTransform, objective: Objective,
-    fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
+    records: list[LevelRecord], stage: StageConfig, transforms: Sequence[LinearTransform], objective: Objective,
+    fixed: Image, movings: Sequence[Image], fixed_mask: Image | None, moving_masks: Sequence[Image | None],
     max_iter: int, level: int, seed: int, callback: Callback | None,
-) -> None:
-    record.size = fixed.grid.size
+) -> dict[int, Exception]:
+    """A linear level for a batch of pairs sharing the fixed image (one batched warp and
+    similarity per iteration); ``{position: error}`` of the pairs that failed."""
     pointwise = all(term.measure in POINTWISE_MEASURES for term in stage.objective)
-    data = LinearLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation,
+    data = LinearLevel(fixed, movings, fixed_mask, moving_masks, stage.interpolation,
                        stage.max_voxels if pointwise else None, seed + level, objective.overlap_only)
-    record.voxels = data.voxels
+    for record in records:
+        record.size, record.voxels = fixed.grid.size, data.voxels
 
-    def evaluate() -> tuple[torch.Tensor, dict[str, float]]:
-        matrix = transform.matrix()
-        fixed_t, warped, mask = data.warp(matrix)
-        if not bool((mask > 0).any()):  # a line search probing far away: a high, flat loss sends it back
-            return matrix.sum() * 0 + OUT_OF_VIEW_LOSS, {}
-        return objective.similarity(fixed_t, warped, mask, fixed.grid.spacing)
+    def evaluate(active: list[int]) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        matrices = torch.stack([transforms[b].matrix() for b in active])
+        fixed_t, warped, mask = data.warp(matrices, active)
+        inside = (mask.detach().flatten(1).amax(1) > 0).tolist()
+        if all(inside):
+            return objective.similarity_per_pair(fixed_t, warped, mask, fixed.grid.spacing)
+        # a line search probing far away: a high, flat loss sends it back
+        losses = matrices.sum((1, 2)).to(warped.dtype) * 0 + OUT_OF_VIEW_LOSS
+        parts: list[dict[str, float]] = [{} for _ in active]
+        ok = [j for j, v in enumerate(inside) if v]
+        if ok:
+            sub, sub_parts = objective.similarity_per_pair(fixed_t, warped[ok], mask[ok], fixed.grid.spacing)
+            losses = losses.index_put((torch.as_tensor(ok, device=losses.device),), sub)
+            for j, value in zip(ok, sub_parts):
+                parts[j] = value
+        return losses, parts
 
-    params = [p for p in transform.parameters() if p.requires_grad]
-    optimize_level(record, stage, params, evaluate, max_iter, level, callback)
+    params = [[p for p in t.parameters() if p.requires_grad] for t in transforms]
+    return optimize_level(records, stage, params, evaluate, max_iter, level, callback)
 
 
 def _smoother(sigma_mm: float, grid: Grid) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -402,11 +591,8 @@ def _deformable_level(
     record: LevelRecord, stage: StageConfig, transform: DeformableTransform, matrix: torch.Tensor,
     objective: Objective, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
     max_iter: int, level: int, callback: Callback | None,
-) -> None:
-    if isinstance(transform, SymmetricDiffeomorphism):
-        optimize_symmetric_level(record, stage, transform, objective, fixed, moving, fixed_mask, moving_mask,
-                                 matrix, max_iter, level, callback)
-        return
+) -> dict[int, Exception]:
+    """A level of a deformable transform fitted by a torch optimiser, for one pair."""
     record.size = fixed.grid.size
     grid = fixed.grid
     transform.set_level(grid)
@@ -427,7 +613,8 @@ def _deformable_level(
         return loss, parts
 
     params = [p for p in transform.parameters() if p.requires_grad]
-    hooks, after_step = [], None
+    hooks: list = []
+    after_step: Callable[[int], None] | None = None
     smoothing = stage.smoothing
     if smoothing is not None and (smoothing.update_sigma_mm > 0 or smoothing.field_sigma_mm > 0):
         field, field_grid = _field_parameter(transform)
@@ -436,12 +623,16 @@ def _deformable_level(
         if smoothing.field_sigma_mm > 0:
             smooth_field = _smoother(smoothing.field_sigma_mm, field_grid)
 
-            def after_step() -> None:
+            def after_step(_: int) -> None:
                 with torch.no_grad():
                     field.copy_(smooth_field(field))
 
+    def evaluate_one(active: list[int]) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        loss, parts = evaluate()
+        return loss.reshape(1), [parts]
+
     try:
-        optimize_level(record, stage, params, evaluate, max_iter, level, callback, after_step)
+        return optimize_level([record], stage, [params], evaluate_one, max_iter, level, callback, after_step)
     finally:
         for hook in hooks:
             hook.remove()

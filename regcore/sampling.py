@@ -31,7 +31,7 @@ __all__ = [
 Mode = Literal["linear", "nearest"]
 Padding = Literal["zeros", "border"]
 
-_GS_MODE = {"linear": "bilinear", "nearest": "nearest"}  # grid_sample's 'bilinear' is trilinear in 3D
+GRID_SAMPLE_MODES = {"linear": "bilinear", "nearest": "nearest"}  # grid_sample's 'bilinear' is trilinear in 3D
 
 
 def _torch_matrix(matrix: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -45,7 +45,7 @@ def sample_normalized(
 
     Integer data (label maps) is sampled by nearest neighbour exactly (values below 2**24).
     """
-    if mode not in _GS_MODE:
+    if mode not in GRID_SAMPLE_MODES:
         raise ValueError(f"unknown interpolation mode {mode!r}; use 'linear' or 'nearest'")
     out_shape = coords.shape[:-1]
     dim = coords.shape[-1]
@@ -58,7 +58,7 @@ def sample_normalized(
         grid = grid[None]
     else:  # any other point set: flatten to (1, 1, [1,] M, D)
         grid = grid.reshape(1, *([1] * (dim - 1)), -1, dim)
-    out = F.grid_sample(src[None], grid, mode=_GS_MODE[mode], padding_mode=padding, align_corners=True)[0]
+    out = F.grid_sample(src[None], grid, mode=GRID_SAMPLE_MODES[mode], padding_mode=padding, align_corners=True)[0]
     out = out.reshape(data.shape[0], *out_shape)
     return out.round().to(data.dtype) if integer else out
 

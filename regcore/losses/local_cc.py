@@ -90,13 +90,20 @@ def _moments(fixed: Tensor, moving: Tensor, radius: int, ndim: int):
     return n, mu_i, mu_j, a, b, c
 
 
-def _weights(weight: Optional[Tensor], like: Tensor) -> Tensor:
-    """Per-voxel weights that sum to 1 over each (batch, channel) and average over them."""
-    count = like.shape[0] * like.shape[1]
+def _weights(weight: Optional[Tensor], like: Tensor, per_sample: bool = False) -> Tensor:
+    """Per-voxel weights that sum to 1 over each (batch, channel) and average over them (over the
+    channels only, per batch element, with ``per_sample``)."""
+    count = like.shape[1] if per_sample else like.shape[0] * like.shape[1]
     dims = tuple(range(2, like.dim()))
     if weight is None:
         return like.new_full((1,) * like.dim(), 1.0 / (count * like[0, 0].numel()))
     return weight / (weight.sum(dim=dims, keepdim=True) * count)
+
+
+def _per_sample_sum(x: Tensor) -> Tensor:
+    """Sum over all but the batch dim, accumulated in float64: a batch element's value then does
+    not depend on the batch it was computed in (float32 sums of different shapes round apart)."""
+    return x.sum(dim=tuple(range(1, x.dim())), dtype=torch.float64).to(x.dtype)
 
 
 def _ratio(a: Tensor, b: Tensor, c: Tensor, eps: float) -> Tensor:
@@ -113,6 +120,7 @@ def local_cc_gradients(
     eps: float = 1e-5,
     exact: bool = True,
     wrt_fixed: bool = False,
+    per_sample: bool = False,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """The measure and its gradients w.r.t. each voxel of ``moving`` (and of ``fixed``).
 
@@ -124,18 +132,23 @@ def local_cc_gradients(
         exact: the exact gradient (two passes of window sums), or the centred-window
             approximation (see the module doc).
         wrt_fixed: also return ``d/d fixed``.
+        per_sample: the value of each batch element on its own, ``(N,)`` (its mean over its
+            channels and voxels); the gradients are then those of each element's own value.
 
     Returns:
-        ``(value, d value / d moving, d value / d fixed or None)``: a 0-dim tensor and tensors
-        shaped like the images (no autograd graph).
+        ``(value, d value / d moving, d value / d fixed or None)``: a 0-dim tensor (``(N,)`` with
+        ``per_sample``) and tensors shaped like the images (no autograd graph).
     """
     ndim = _check(fixed, moving, radius)
     with torch.no_grad():
         weight = prepare_mask(mask, fixed)
         n, mu_i, mu_j, a, b, c = _moments(fixed, moving, radius, ndim)
         t = _ratio(a, b, c, eps)
-        w = _weights(weight, fixed)
-        value = (a * t * w).sum()
+        w = _weights(weight, fixed, per_sample)
+        if per_sample:  # each element's weights sum to 1 over its channels: its own mean
+            value = _per_sample_sum(a * t * w)
+        else:
+            value = (a * t * w).sum()
         alpha = 2 * t * w
         beta_j = alpha * t * b
         beta_i = alpha * t * c if wrt_fixed else None
@@ -158,10 +171,14 @@ class _LocalCC(torch.autograd.Function):
     """``local_cc`` with its analytic backward (no autograd graph through the window sums)."""
 
     @staticmethod
-    def forward(ctx, fixed: Tensor, moving: Tensor, mask: Optional[Tensor], radius: int, eps: float, exact: bool):  # type: ignore[override]
+    def forward(ctx, fixed: Tensor, moving: Tensor, mask: Optional[Tensor], radius: int, eps: float, exact: bool,  # type: ignore[override]
+                per_sample: bool = False):
         need_fixed = ctx.needs_input_grad[0]
         need_mask = mask is not None and ctx.needs_input_grad[2]
-        value, g_j, g_i = local_cc_gradients(fixed, moving, mask, radius, eps, exact, wrt_fixed=need_fixed)
+        if need_mask and per_sample:
+            raise InputError("local_cc: per_sample values with a differentiated mask are not supported")
+        value, g_j, g_i = local_cc_gradients(fixed, moving, mask, radius, eps, exact, wrt_fixed=need_fixed,
+                                             per_sample=per_sample)
         empty = g_j.new_empty(0)
         g_w = empty
         if need_mask:  # value = sum_c w_c cc_c / sum_c w_c per element: d/dw_c = (cc_c - value_e) / sum w
@@ -176,16 +193,19 @@ class _LocalCC(torch.autograd.Function):
                 g_w = ((cc - per) / total).mean(dim=1, keepdim=True) / fixed.shape[0]
         ctx.save_for_backward(g_j, g_i if g_i is not None else empty, g_w)
         ctx.need_fixed, ctx.need_mask, ctx.mask_shape = need_fixed, need_mask, None if mask is None else mask.shape
+        ctx.per_sample = per_sample
         return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         g_j, g_i, g_w = ctx.saved_tensors
+        if ctx.per_sample:  # one upstream gradient per batch element
+            grad = grad.reshape(-1, *([1] * (g_j.dim() - 1)))
         d_mask = None
         if ctx.need_mask:
             d_mask = (g_w * grad).sum_to_size(ctx.mask_shape) if g_w.shape != ctx.mask_shape else g_w * grad
-        return (g_i * grad if ctx.need_fixed else None), g_j * grad, d_mask, None, None, None
+        return (g_i * grad if ctx.need_fixed else None), g_j * grad, d_mask, None, None, None, None
 
 
 def local_cc(
@@ -195,6 +215,7 @@ def local_cc(
     radius: int = 2,
     eps: float = 1e-5,
     exact: bool = True,
+    per_sample: bool = False,
 ) -> Tensor:
     """Mean local squared correlation (ANTs ``CC``), in ``[0, 1]``; 1 for ``moving = a fixed + b``
     on textured images. Differentiable w.r.t. both images by an analytic backward (the gradient
@@ -206,11 +227,15 @@ def local_cc(
         radius: window half-size in voxels (window ``2 radius + 1``).
         eps: flat-window threshold on ``b c`` (see the module doc).
         exact: exact gradient, or the centred-window approximation.
+        per_sample: return each batch element's own value, ``(N,)``, instead of their mean.
     """
     needs = fixed.requires_grad or moving.requires_grad or (mask is not None and mask.requires_grad)
     if not needs or not torch.is_grad_enabled():
         ndim = _check(fixed, moving, radius)
         weight = prepare_mask(mask, fixed)
         _, _, _, a, b, c = _moments(fixed, moving, radius, ndim)
-        return (a * _ratio(a, b, c, eps) * _weights(weight, fixed)).sum()
-    return _LocalCC.apply(fixed, moving, mask, int(radius), float(eps), bool(exact))
+        terms = a * _ratio(a, b, c, eps) * _weights(weight, fixed, per_sample)
+        if per_sample:
+            return _per_sample_sum(terms)
+        return terms.sum()
+    return _LocalCC.apply(fixed, moving, mask, int(radius), float(eps), bool(exact), bool(per_sample))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from regcore.errors import InputError
@@ -50,6 +51,9 @@ class SimilarityLoss(nn.Module):
 
     measure: Callable[..., Tensor]
     overlap_only: bool = True
+    #: capability: the functional takes ``per_sample=True`` and returns one value per batch element
+    #: (else :meth:`per_sample` evaluates the elements one by one)
+    batched_values: bool = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
@@ -74,6 +78,18 @@ class SimilarityLoss(nn.Module):
         """
         kwargs = {**self.kwargs, **overrides}
         return self.to_loss(type(self).measure(fixed, moving, mask=mask, **kwargs))
+
+    def per_sample(self, fixed: Tensor, moving: Tensor, mask: Optional[Tensor] = None, **overrides: Any) -> Tensor:
+        """The loss of each batch element on its own, ``(N,)``: the losses of a batch of
+        independent pairs (the gradient of their sum gives each pair its own gradient)."""
+        if type(self).batched_values:
+            kwargs = {**self.kwargs, **overrides}
+            return self.to_loss(type(self).measure(fixed, moving, mask=mask, per_sample=True, **kwargs))
+        per_mask = mask is not None and mask.dim() == fixed.dim() and mask.shape[0] == fixed.shape[0]
+        return torch.stack([
+            self.forward(fixed[n:n + 1], moving[n:n + 1], mask[n:n + 1] if per_mask else mask, **overrides)
+            for n in range(fixed.shape[0])
+        ])
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -131,6 +147,7 @@ class LocalCCLoss(SimilarityLoss):
 
     measure = staticmethod(local_cc)
     overlap_only = False
+    batched_values = True
 
     def __init__(self, radius: int = 2, eps: float = 1e-5, exact: bool = True) -> None:
         super().__init__(radius=radius, eps=eps, exact=exact)
