@@ -89,6 +89,7 @@ def register_batch(
     device: torch.device | str | None = None,
     fixed_levels: Mapping[float, Image] | None = None,
     moving_levels: Sequence[Mapping[float, Image] | None] | None = None,
+    deterministic: bool = False,
 ) -> list[RegistrationResult | RegistrationFailure]:
     """Register every image of ``movings`` to ``fixed``; one entry per moving image, in order.
 
@@ -100,6 +101,8 @@ def register_batch(
         moving_masks: optional masks, one per moving image (``None`` entries allowed).
         device: where to compute; default the fixed image's device.
         fixed_levels, moving_levels: precomputed pyramid levels (see :func:`regcore.register`).
+        deterministic: reproducible CUDA results (no atomics in differentiated warps; see
+            :func:`regcore.registration.register_pairs` for what it covers and costs).
 
     Returns:
         A :class:`RegistrationResult` per registered pair, a :class:`RegistrationFailure` for a
@@ -111,4 +114,5 @@ def register_batch(
             is returned, so the caller can split the batch and retry.
     """
     return register_pairs(fixed, movings, method, config=config, fixed_mask=fixed_mask, moving_masks=moving_masks,
-                          device=device, fixed_levels=fixed_levels, moving_levels=moving_levels)
+                          device=device, fixed_levels=fixed_levels, moving_levels=moving_levels,
+                          deterministic=deterministic)

@@ -39,12 +39,14 @@ class LinearLevel:
     is used (for pointwise measures); tensors are then ``(B, 1, [1,] 1, M)``. The moving images are
     border-replicated outside their boxes; with ``overlap_only`` the mask (a ramp half a voxel wide
     at each moving image's border) keeps only the fixed points that map inside it.
+    ``deterministic``: the warp's gradient without ``grid_sample``'s atomics (see
+    :func:`regcore.sampling.interpolate_linear`).
     """
 
     def __init__(self, fixed: Image, movings: Sequence[Image], fixed_mask: Image | None,
                  moving_masks: Sequence[Image | None], mode: str, max_voxels: int | None, seed: int,
-                 overlap_only: bool = True) -> None:
-        self.grid, self.mode, self.overlap_only = fixed.grid, mode, overlap_only
+                 overlap_only: bool = True, deterministic: bool = False) -> None:
+        self.grid, self.mode, self.overlap_only, self.deterministic = fixed.grid, mode, overlap_only, deterministic
         self.stack = MovingStack(movings)
         self.mask_stack = (MovingStack(moving_masks, [m.grid for m in movings])
                            if any(m is not None for m in moving_masks) else None)
@@ -84,7 +86,7 @@ class LinearLevel:
         else:
             coords = (self.points @ theta[:, :, :d].transpose(1, 2) + theta[:, None, :, d]).to(self.fixed.dtype)
             coords = coords.reshape(n, *shape[1:], d)
-        warped = self.stack.sample(coords, index, self.mode, padding="border")
+        warped = self.stack.sample(coords, index, self.mode, padding="border", deterministic=self.deterministic)
         # a ramp at the moving image's border keeps the overlap continuous in the transform
         mask = (self.stack.inside_weight(coords, index) if self.overlap_only
                 else torch.ones_like(coords[..., 0]))[:, None]
@@ -100,8 +102,9 @@ class DeformableLevel:
     fixed linear map ``M`` of the previous stages."""
 
     def __init__(self, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
-                 mode: str, matrix: torch.Tensor) -> None:
+                 mode: str, matrix: torch.Tensor, deterministic: bool = False) -> None:
         self.grid, self.moving, self.moving_mask, self.mode = fixed.grid, moving, moving_mask, mode
+        self.deterministic = deterministic
         self.fixed = fixed.batch()
         self.fixed_mask = None if fixed_mask is None else fixed_mask.batch()
         self.points = fixed.grid.world_points(device=fixed.device, dtype=fixed.dtype)  # (*shape, D)
@@ -115,5 +118,5 @@ class DeformableLevel:
         pts = self.points + torch.movedim(displacement, 0, -1)
         coords = pts @ self.chain[:d, :d].T + self.chain[:d, d]
         shape = self.fixed.shape
-        warped = sample_normalized(self.moving.data, coords, self.mode).reshape(shape)
+        warped = sample_normalized(self.moving.data, coords, self.mode, deterministic=self.deterministic).reshape(shape)
         return self.fixed, warped, _masked(inside_mask(coords), self.moving_mask, self.fixed_mask, coords, shape)

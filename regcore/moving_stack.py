@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .grid import Grid
 from .image import Image
-from .sampling import Mode, Padding, GRID_SAMPLE_MODES
+from .sampling import GRID_SAMPLE_MODES, Mode, Padding, interpolate_linear
 
 __all__ = ["MovingStack"]
 
@@ -71,13 +71,15 @@ class MovingStack:
         return rows.reshape(rows.shape[0], *([1] * (like.dim() - 2)), rows.shape[1]).to(like.dtype)
 
     def sample(self, coords: torch.Tensor, index: Sequence[int] | None = None, mode: Mode = "linear",
-               padding: Padding = "zeros") -> torch.Tensor:
+               padding: Padding = "zeros", deterministic: bool = False) -> torch.Tensor:
         """The pairs' images at their own normalised ``coords`` ``(B', *out, D)`` -> ``(B', C, *out)``.
 
         ``*out`` must have ``D`` dims (a grid, or a point set shaped ``(1, [1,] M)``). A stack of
         one image serves any number of coordinate sets. With
         ``padding="zeros"`` a point outside a pair's own box but inside the padded array reads the
         replicated border: callers that need zeros there mask by :meth:`inside_weight`.
+        ``deterministic``: linear interpolation by :func:`regcore.sampling.interpolate_linear`,
+        whose coordinate gradient needs no atomics on CUDA.
         """
         if mode not in GRID_SAMPLE_MODES:
             raise ValueError(f"unknown interpolation mode {mode!r}; use 'linear' or 'nearest'")
@@ -87,6 +89,8 @@ class MovingStack:
         grid = coords.to(data.dtype)
         if self.padded:
             grid = (grid + 1) * self._rows(self.scale, index, grid) - 1
+        if deterministic and mode == "linear":
+            return interpolate_linear(data, grid, padding)
         return F.grid_sample(data, grid, mode=GRID_SAMPLE_MODES[mode], padding_mode=padding, align_corners=True)
 
     def inside_weight(self, coords: torch.Tensor, index: Sequence[int] | None = None, ramp_vox: float = 0.5) -> torch.Tensor:

@@ -6,13 +6,14 @@ progress goes to an optional ``callback(event: dict)`` and to :mod:`logging`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -201,6 +202,7 @@ def register(
     callback: Callback | None = None,
     fixed_levels: Mapping[float, Image] | None = None,
     moving_levels: Mapping[float, Image] | None = None,
+    deterministic: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (backward warping: the result samples moving on fixed's grid).
 
@@ -218,13 +220,15 @@ def register(
             A pyramid level whose factor is present *and* whose grid is the one the level needs
             reads it (normalised with the full image's intensity window) instead of smoothing and
             resampling again; other levels are computed as usual.
+        deterministic: reproducible results on CUDA, run to run (see :func:`register_pairs`).
 
     Raises:
         InputError: invalid images, masks or configuration, or no overlap in world space.
         RegistrationError: the optimisation produced a non-finite loss.
     """
     (result,) = register_pairs(fixed, [moving], method, config=config, fixed_mask=fixed_mask, moving_masks=[moving_mask],
-                               device=device, callback=callback, fixed_levels=fixed_levels, moving_levels=[moving_levels])
+                               device=device, callback=callback, fixed_levels=fixed_levels, moving_levels=[moving_levels],
+                               deterministic=deterministic)
     if isinstance(result, RegistrationFailure):
         raise result.error
     return result
@@ -247,16 +251,48 @@ def register_pairs(
     callback: Callback | None = None,
     fixed_levels: Mapping[float, Image] | None = None,
     moving_levels: Sequence[Mapping[float, Image] | None] | None = None,
+    deterministic: bool = False,
 ) -> list[RegistrationResult | RegistrationFailure]:
     """Register every moving image to ``fixed``, as one batch (see :mod:`regcore.batch`, whose
     :func:`~regcore.batch.register_batch` is the public entry point; :func:`register` is a batch
     of one). Stage by stage and level by level, the pairs whose fixed pyramid schedule is the same
     (all of them unless the moving images' voxel sizes split a level) are optimised together.
 
+    ``deterministic`` makes CUDA runs reproducible: the warps of the moving image, which are
+    differentiated with respect to their coordinates (every linear stage, and the deformable
+    stages fitted by a torch optimiser), interpolate by :func:`regcore.sampling.interpolate_linear`
+    instead of ``grid_sample``, whose backward accumulates with atomics, and torch's deterministic
+    algorithms are switched on for the call (``index_add_`` in the B-spline and kernel transforms
+    then sorts instead of using atomics; set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for cuBLAS). The
+    SyN stage needs nothing: it never differentiates a ``grid_sample``. Not covered: the SVF's
+    scaling and squaring differentiates ``grid_sample`` through the velocity itself (torch warns).
+    On CPU results are reproducible anyway; the option only changes the linear stages' speed.
+
     Returns one :class:`RegistrationResult` or :class:`RegistrationFailure` per moving image.
     Errors that concern every pair (an invalid config, a bad fixed mask) are raised, as are
     infrastructure errors (out of memory).
     """
+    with _deterministic_algorithms(deterministic):
+        return _register_pairs(fixed, movings, method, config, fixed_mask, moving_masks, device, callback,
+                               fixed_levels, moving_levels, deterministic)
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms (warn only) for the duration, the previous setting restored."""
+    if not enabled:
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _register_pairs(fixed, movings, method, config, fixed_mask, moving_masks, device, callback, fixed_levels,
+                    moving_levels, deterministic) -> list[RegistrationResult | RegistrationFailure]:
     t0 = time.perf_counter()
     n = len(movings)
     masks = list(moving_masks) if moving_masks is not None else [None] * n
@@ -305,7 +341,8 @@ def register_pairs(
             levels = stage.pyramid.level_factors(fixed.grid.spacing, pair.moving.grid.spacing)
             schedules.setdefault(tuple((f, i) for f, _, i in levels), []).append(pair)
         for group in schedules.values():
-            _run_stage(s, stage, objective, fixed, fmask, fcache, fixed_levels, group, cfg.seed, callback, fail)
+            _run_stage(s, stage, objective, fixed, fmask, fcache, fixed_levels, group, cfg.seed, callback, fail,
+                       deterministic)
     seconds = (time.perf_counter() - t0) / max(1, n)
     for pair in pairs:
         if pair.index in out:
@@ -343,7 +380,7 @@ def _start_stage(pair: _Pair, stage: StageConfig, fixed: Image, fmask: Image | N
 
 def _run_stage(s: int, stage: StageConfig, objective: Objective, fixed: Image, fmask: Image | None, fcache: dict,
                fixed_levels: Mapping[float, Image] | None, group: list[_Pair], seed: int,
-               callback: Callback | None, fail: Callable[[int, Exception], None]) -> None:
+               callback: Callback | None, fail: Callable[[int, Exception], None], deterministic: bool) -> None:
     """Every pyramid level of ``stage`` for a group of pairs with one fixed schedule."""
     fwin, fixed_n = _normalized(fcache, "fixed", fixed, stage.normalize)
     dev = fixed.device
@@ -365,7 +402,8 @@ def _run_stage(s: int, stage: StageConfig, objective: Objective, fixed: Image, f
         if callback is not None:
             def relay(event: dict, _group: list[_Pair] = group) -> None:  # positions in the group -> in the batch
                 callback({**event, "pair": _group[event.get("pair", 0)].index})
-        failures = _run_level(stage, objective, group, fixed_l, fmask_l, movings, mmasks, max_iter, lvl, seed, relay, records)
+        failures = _run_level(stage, objective, group, fixed_l, fmask_l, movings, mmasks, max_iter, lvl, seed, relay,
+                              records, deterministic)
         for pair, record in zip(group, records):
             pair.records.append(record)
         for j, exc in failures.items():
@@ -379,11 +417,11 @@ def _run_stage(s: int, stage: StageConfig, objective: Objective, fixed: Image, f
 
 def _run_level(stage: StageConfig, objective: Objective, group: list[_Pair], fixed: Image, fmask: Image | None,
                movings: list[Image], mmasks: list[Image | None], max_iter: int, level: int, seed: int,
-               callback: Callback | None, records: list[LevelRecord]) -> dict[int, Exception]:
+               callback: Callback | None, records: list[LevelRecord], deterministic: bool) -> dict[int, Exception]:
     """One pyramid level of one stage for the pairs of ``group``; ``{position: error}`` of those that failed."""
     if not stage.deformable:
         return _linear_level(records, stage, [p.linear for p in group], objective, fixed, movings, fmask, mmasks,
-                             max_iter, level, seed, callback)
+                             max_iter, level, seed, callback, deterministic)
     if isinstance(group[0].deformable, SymmetricDiffeomorphism):
         return optimize_symmetric_level(records, stage, [p.deformable for p in group], objective, fixed, movings,
                                         fmask, mmasks, [p.linear.matrix().detach() for p in group], max_iter, level,
@@ -393,7 +431,8 @@ def _run_level(stage: StageConfig, objective: Objective, group: list[_Pair], fix
         try:
             failed = _deformable_level(records[j], stage, pair.deformable, pair.linear.matrix().detach(), objective,
                                        fixed, movings[j], fmask, mmasks[j], max_iter, level,
-                                       None if callback is None else (lambda e, _j=j: callback({**e, "pair": _j})))
+                                       None if callback is None else (lambda e, _j=j: callback({**e, "pair": _j})),
+                                       deterministic)
         except Exception as exc:
             if not _is_pair_failure(exc):
                 raise
@@ -541,13 +580,13 @@ def _check_overlap(fixed: Image, moving: Image, transform: LinearTransform, fixe
 def _linear_level(
     records: list[LevelRecord], stage: StageConfig, transforms: Sequence[LinearTransform], objective: Objective,
     fixed: Image, movings: Sequence[Image], fixed_mask: Image | None, moving_masks: Sequence[Image | None],
-    max_iter: int, level: int, seed: int, callback: Callback | None,
+    max_iter: int, level: int, seed: int, callback: Callback | None, deterministic: bool = False,
 ) -> dict[int, Exception]:
     """A linear level for a batch of pairs sharing the fixed image (one batched warp and
     similarity per iteration); ``{position: error}`` of the pairs that failed."""
     pointwise = all(term.measure in POINTWISE_MEASURES for term in stage.objective)
     data = LinearLevel(fixed, movings, fixed_mask, moving_masks, stage.interpolation,
-                       stage.max_voxels if pointwise else None, seed + level, objective.overlap_only)
+                       stage.max_voxels if pointwise else None, seed + level, objective.overlap_only, deterministic)
     for record in records:
         record.size, record.voxels = fixed.grid.size, data.voxels
 
@@ -590,13 +629,13 @@ def _field_parameter(transform: DeformableTransform) -> tuple[torch.nn.Parameter
 def _deformable_level(
     record: LevelRecord, stage: StageConfig, transform: DeformableTransform, matrix: torch.Tensor,
     objective: Objective, fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None,
-    max_iter: int, level: int, callback: Callback | None,
+    max_iter: int, level: int, callback: Callback | None, deterministic: bool = False,
 ) -> dict[int, Exception]:
     """A level of a deformable transform fitted by a torch optimiser, for one pair."""
     record.size = fixed.grid.size
     grid = fixed.grid
     transform.set_level(grid)
-    data = DeformableLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation, matrix)
+    data = DeformableLevel(fixed, moving, fixed_mask, moving_mask, stage.interpolation, matrix, deterministic)
     record.voxels = data.voxels
     reg_grid = transform.regularization_grid(grid)
 

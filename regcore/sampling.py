@@ -26,6 +26,8 @@ __all__ = [
     "warp_points_field",
     "resample_displacement",
     "stratified_indices",
+    "interpolate_linear",
+    "GRID_SAMPLE_MODES",
 ]
 
 Mode = Literal["linear", "nearest"]
@@ -39,11 +41,14 @@ def _torch_matrix(matrix: np.ndarray | torch.Tensor, device: torch.device) -> to
 
 
 def sample_normalized(
-    data: torch.Tensor, coords: torch.Tensor, mode: Mode = "linear", padding: Padding = "zeros"
+    data: torch.Tensor, coords: torch.Tensor, mode: Mode = "linear", padding: Padding = "zeros",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Sample ``data`` ``(C, *shape)`` at normalised coords ``(*out, D)``; returns ``(C, *out)``.
 
     Integer data (label maps) is sampled by nearest neighbour exactly (values below 2**24).
+    ``deterministic``: linear interpolation by :func:`interpolate_linear` (``data`` is then not
+    differentiated; the gradient with respect to ``coords`` needs no atomics on CUDA).
     """
     if mode not in GRID_SAMPLE_MODES:
         raise ValueError(f"unknown interpolation mode {mode!r}; use 'linear' or 'nearest'")
@@ -58,9 +63,67 @@ def sample_normalized(
         grid = grid[None]
     else:  # any other point set: flatten to (1, 1, [1,] M, D)
         grid = grid.reshape(1, *([1] * (dim - 1)), -1, dim)
-    out = F.grid_sample(src[None], grid, mode=GRID_SAMPLE_MODES[mode], padding_mode=padding, align_corners=True)[0]
+    if deterministic and mode == "linear" and not integer:
+        out = interpolate_linear(src[None], grid, padding)[0]
+    else:
+        out = F.grid_sample(src[None], grid, mode=GRID_SAMPLE_MODES[mode], padding_mode=padding, align_corners=True)[0]
     out = out.reshape(data.shape[0], *out_shape)
     return out.round().to(data.dtype) if integer else out
+
+
+def interpolate_linear(data: torch.Tensor, coords: torch.Tensor, padding: Padding = "zeros") -> torch.Tensor:
+    """``grid_sample(data, coords, "bilinear", padding, align_corners=True)`` written out: the
+    ``2^D`` corner values are gathered and weighted by the fractional coordinates, so that the
+    gradient with respect to ``coords`` is elementwise (deterministic on CUDA, where
+    ``grid_sample``'s backward accumulates with atomics). ``data`` is not differentiated.
+
+    Args:
+        data: ``(B, C, *in)`` (``B`` may be 1 for any number of coordinate sets).
+        coords: ``(B', *out, D)`` normalised coordinates, ``(x, y[, z])`` last.
+        padding: ``zeros`` or ``border``.
+
+    Returns:
+        ``(B', C, *out)``, equal to ``grid_sample``'s values and coordinate gradients.
+    """
+    d = coords.shape[-1]
+    n = coords.shape[0]
+    if data.shape[0] == 1 and n > 1:
+        data = data.expand(n, *data.shape[1:])
+    channels = data.shape[1]
+    sizes = list(reversed(data.shape[2:]))  # (x, y[, z]) sizes
+    size = torch.as_tensor(sizes, dtype=coords.dtype, device=coords.device)
+    pos = (coords + 1) * 0.5 * (size - 1)
+    if padding == "border":
+        pos = torch.minimum(pos.clamp_min(0), size - 1)
+    low = pos.detach().floor()
+    frac = pos - low
+    low = low.to(torch.int64)
+    flat = data.detach().reshape(n, channels, -1)
+    strides = [1]
+    for k in range(1, d):
+        strides.append(strides[-1] * sizes[k - 1])
+    out_shape = coords.shape[1:-1]
+    out = None
+    for corner in range(2 ** d):
+        weight = None
+        index = None
+        valid = None
+        for k in range(d):
+            up = (corner >> k) & 1
+            i = low[..., k] + up
+            w = frac[..., k] if up else 1 - frac[..., k]
+            weight = w if weight is None else weight * w
+            if padding == "zeros":
+                inside = (i >= 0) & (i <= sizes[k] - 1)
+                valid = inside if valid is None else valid & inside
+            i = i.clamp(0, sizes[k] - 1) * strides[k]
+            index = i if index is None else index + i
+        values = flat.gather(2, index.reshape(n, 1, -1).expand(n, channels, -1)).reshape(n, channels, *out_shape)
+        if valid is not None:
+            weight = weight * valid.to(weight.dtype)
+        term = weight[:, None] * values
+        out = term if out is None else out + term
+    return out
 
 
 def sample_world(

@@ -154,3 +154,39 @@ def test_batch_size_from_memory(monkeypatch):
     assert max_batch_size(grid, grid, CHAIN, "cuda:0", limit=4) == 4
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(InputError("bad"))
+
+
+def test_deterministic_interpolation_equals_grid_sample_values_and_gradients():
+    import torch.nn.functional as F
+
+    from regcore.sampling import interpolate_linear
+
+    gen = torch.Generator().manual_seed(2)
+    for shape in ((2, 3, 7, 8, 9), (1, 2, 6, 5)):
+        d = len(shape) - 2
+        data = torch.rand(shape, generator=gen, dtype=torch.float64)
+        coords = (torch.rand((2, *(4, 5, 6)[:d], d), generator=gen, dtype=torch.float64) * 2.8 - 1.4).requires_grad_(True)
+        for padding in ("zeros", "border"):
+            want = F.grid_sample(data.expand(2, *shape[1:]), coords, mode="bilinear", padding_mode=padding,
+                                 align_corners=True)
+            got = interpolate_linear(data, coords, padding)
+            (g_want,) = torch.autograd.grad(want.sum(), coords)
+            (g_got,) = torch.autograd.grad(got.sum(), coords)
+            assert torch.allclose(got, want, atol=1e-12) and torch.allclose(g_got, g_want, atol=1e-10)
+
+
+def test_deterministic_option_gives_the_same_registration(cohort, single_thread):
+    fixed, _, movings, _ = cohort
+    plain = register_batch(fixed, movings[:2], "affine")
+    steady = register_batch(fixed, movings[:2], "affine", deterministic=True)
+    assert not torch.are_deterministic_algorithms_enabled()  # the setting is restored
+    for a, b in zip(plain, steady):
+        assert float((a.displacement.data - b.displacement.data).norm(dim=0).mean()) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deterministic_cuda_runs_repeat_bit_for_bit(cohort):
+    fixed, _, movings, _ = cohort
+    runs = [register_batch(fixed, movings, CHAIN, config=SHORT, device="cuda", deterministic=True) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a.displacement.data, b.displacement.data)
