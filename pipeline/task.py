@@ -269,7 +269,8 @@ def _solve(jobs: list[_PairJob], fixed: dict[str, Any], cfg: MethodConfig, chash
     for j, res in zip(jobs, results):
         j.out["batch_size"] = len(jobs)
         # the pair's share of the batch's wall time (one pair: the registration's own time)
-        regcore_s = float(res.seconds) if len(jobs) == 1 and not isinstance(res, RegistrationFailure) else elapsed / len(jobs)
+        single = len(jobs) == 1 and not isinstance(res, RegistrationFailure)
+        regcore_s = float(res.seconds) if single else elapsed / len(jobs)
         if isinstance(res, RegistrationFailure):
             err = res.error
             msg = _message(err)
