@@ -26,7 +26,11 @@ import torch
 from .errors import InputError, RegistrationError
 from .export import write_displacement, write_linear_transform
 from .io import read_image, write_image
+from .config import OPTIMIZERS as OPTIMIZER_NAMES
+from .losses.modules import LOSSES
 from .methods import available_methods, method_config
+from .regularizers.modules import REGULARIZERS
+from .transforms.registry import TRANSFORMS, params_model
 from .registration import RegistrationResult, register
 
 __all__ = ["main", "write_outputs"]
@@ -91,8 +95,17 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     if args.name:
         print(json.dumps(method_config(args.name).model_dump(mode="json"), indent=2))
-    else:
-        print("\n".join(available_methods()))
+        return 0
+    print("presets (chain them with '+', e.g. affine+syn):")
+    print("  " + ", ".join(available_methods()))
+    print("transforms (stage 'transform', its 'transform_params'):")
+    for name, cls in TRANSFORMS.items():
+        fields = params_model(name).model_fields
+        params = ", ".join(f"{k}={f.default!r}" for k, f in fields.items()) or "-"
+        print(f"  {name:12s} {'linear' if cls.is_linear else 'deformable':10s} {params}")
+    print("measures (objective terms): " + ", ".join(LOSSES))
+    print("regularizers: " + ", ".join(REGULARIZERS))
+    print("optimizers: " + ", ".join(OPTIMIZER_NAMES))
     return 0
 
 

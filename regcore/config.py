@@ -21,6 +21,7 @@ from .errors import InputError
 from .losses.modules import LOSSES
 from .optimizers import OPTIMIZERS as OPTIMIZER_CLASSES
 from .regularizers.modules import REGULARIZERS as REGULARIZER_CLASSES
+from .transforms.registry import TRANSFORMS, check_params
 
 __all__ = [
     "TermConfig",
@@ -39,8 +40,7 @@ __all__ = [
 
 #: names from the registries (one source of truth: a new measure is one class + one registration)
 MEASURES = tuple(LOSSES)
-LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
-DEFORMABLE_KINDS = ("dense", "ffd", "wendland", "svf", "syn")
+TRANSFORM_NAMES = tuple(TRANSFORMS)
 REGULARIZERS = tuple(REGULARIZER_CLASSES)
 #: Keys that give one setting in different ways: an override naming one drops the others.
 ALTERNATIVE_KEYS = (("factors", "spacing_mm"),)
@@ -223,7 +223,7 @@ class StageConfig(_Strict):
     stages only.
     """
 
-    transform: Literal[LINEAR_KINDS + DEFORMABLE_KINDS]  # type: ignore[valid-type]
+    transform: Literal[TRANSFORM_NAMES]  # type: ignore[valid-type]
     init: Literal["none", "geometry", "moments", "previous"] = "geometry"
     transform_params: dict[str, Any] = Field(default_factory=dict)
     regularizers: list[RegularizerConfig] = Field(default_factory=list)
@@ -247,10 +247,11 @@ class StageConfig(_Strict):
 
     @property
     def deformable(self) -> bool:
-        return self.transform in DEFORMABLE_KINDS
+        return not TRANSFORMS[self.transform].is_linear
 
     @model_validator(mode="after")
     def _deformable_only(self) -> "StageConfig":
+        check_params(self.transform, self.transform_params)  # the registry's typed params model
         if not self.deformable and (self.regularizers or self.smoothing is not None):
             raise ValueError(f"regularizers and smoothing apply to deformable stages, not to {self.transform!r}")
         greedy = self.optimizer.name == "greedy"

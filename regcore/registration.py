@@ -32,10 +32,12 @@ from .optimize import OUT_OF_VIEW_LOSS, Callback, LevelRecord, optimize_level
 from .pyramid import downsample, gaussian_smooth
 from .regularizers import jacobian_determinant
 from .sampling import inside_mask, linear_coords, warp_linear
-from .transforms.deformable import DeformableTransform, DenseDisplacement, deformable_transform_class
+from .transforms.base import Transform, compose
+from .transforms.deformable import DeformableTransform, DenseDisplacement
 from .transforms.init import initialize_linear
-from .transforms.linear import LINEAR_TRANSFORMS, LinearTransform, Translation
-from .transforms.svf import StationaryVelocityField
+from .transforms.linear import LinearTransform, Translation, matrix_displacement
+from .transforms.registry import build_transform
+from .transforms.svf import StationaryVelocityField, velocity_grid
 from .transforms.syn import SymmetricDiffeomorphism
 
 __all__ = ["register", "register_pairs", "RegistrationResult", "RegistrationFailure", "LevelRecord", "check_pair",
@@ -145,9 +147,9 @@ def _check_mask(mask: Image | None, ref: Image, name: str) -> Image | None:
     return Image((mask.data > 0).to(ref.dtype), mask.grid)
 
 
-def _make_transform(stage: StageConfig, fixed: Image) -> LinearTransform:
-    length = float(np.linalg.norm(fixed.grid.extent())) / 2 or 1.0
-    return LINEAR_TRANSFORMS[stage.transform](fixed.ndim, length_scale=length)
+def _make_transform(stage: StageConfig, fixed: Image) -> Transform:
+    """The stage's transform on the fixed grid, from the registry and the stage's params."""
+    return build_transform(stage.transform, fixed.grid, stage.transform_params)
 
 
 @dataclass
@@ -365,7 +367,7 @@ def _start_stage(pair: _Pair, stage: StageConfig, fixed: Image, fmask: Image | N
             initialize_linear(pair.linear, fixed, pair.moving, "none" if stage.init == "previous" else stage.init,
                               fmask, pair.mask)
             _check_overlap(fixed, pair.moving, pair.linear, fixed_name, pair.name)
-        pair.deformable = _make_deformable(stage, fixed).to(dev)
+        pair.deformable = _make_transform(stage, fixed).to(dev)
         return
     previous = pair.linear
     pair.linear = _make_transform(stage, fixed).to(dev)
@@ -505,63 +507,13 @@ def _compose(deformable: DeformableTransform, matrix: torch.Tensor, fixed: Image
     data = DeformableLevel(fixed, moving, None, None, mode, matrix)
     u = deformable.displacement(fixed.grid)
     _, warped, _ = data.warp(u)
-    d = fixed.ndim
-    m = matrix.to(data.points.dtype)
-    mapped = (data.points + torch.movedim(u, 0, -1)) @ m[:d, :d].T + m[:d, d]
-    return warped[0], Image(torch.movedim(mapped - data.points, -1, 0), fixed.grid)
-
-
-def _make_deformable(stage: StageConfig, fixed: Image) -> DeformableTransform:
-    cls = deformable_transform_class(stage.transform)
-    params = dict(stage.transform_params)
-    if stage.transform == "svf" and "control_factor" in params:  # velocity on a coarser grid, by factor
-        params["control_grid"] = fixed.grid.downsample(float(params.pop("control_factor")), min_size=4)
-    if stage.transform == "svf" and "control_spacing_mm" in params:  # velocity grid by spacing (mm)
-        params["control_grid"] = velocity_grid(fixed.grid, float(params.pop("control_spacing_mm")))
-    try:
-        return cls(fixed.grid, **params)
-    except TypeError as exc:
-        raise InputError(f"transform {stage.transform!r}: bad transform_params {stage.transform_params} ({exc})") from exc
-
-
-def velocity_grid(grid: Grid, spacing_mm: float, min_size: int = 4) -> Grid:
-    """A grid over ``grid``'s box (same first and last voxel centres, same direction) with about
-    ``spacing_mm`` between nodes (never finer than ``grid``, at least ``min_size`` nodes per axis
-    unless ``grid`` has fewer): the velocity grid of an SVF, independent of the image resolution."""
-    if not spacing_mm > 0:
-        raise InputError(f"svf control_spacing_mm must be positive, got {spacing_mm}")
-    size, spacing = [], []
-    for n, sp in zip(grid.size, grid.spacing):
-        extent = (n - 1) * sp
-        m = min(n, max(min(n, min_size), int(round(extent / spacing_mm)) + 1))
-        size.append(m)
-        spacing.append(extent / (m - 1) if m > 1 else sp)
-    return Grid(tuple(size), tuple(spacing), grid.origin, grid.direction)
+    return warped[0], Image(compose(matrix, u, data.points), fixed.grid)
 
 
 def linear_displacement(matrix: torch.Tensor, fixed: Image) -> Image:
-    """``u(x) = M x - x`` (mm) at every fixed voxel, as a ``D``-channel image on the fixed grid.
-
-    ``u`` is affine in the voxel index: ``u = (M - I)(origin + R S i) + t``; it is assembled from
-    per-axis terms in float64 (no per-voxel world coordinates), then stored as float32.
-    """
-    d = fixed.ndim
-    m = matrix.detach().to(torch.float64).cpu().numpy()
-    lin = m[:d, :d] - np.eye(d)
-    index_to_world = fixed.grid.index_to_world()
-    per_index = lin @ index_to_world[:d, :d]  # mm of u per voxel step along each index axis
-    offset = lin @ index_to_world[:d, d] + m[:d, d]
-    dev = matrix.device
-    out = torch.empty((d, *fixed.grid.shape), dtype=torch.float32, device=dev)
-    for c in range(d):
-        total = torch.full((), float(offset[c]), dtype=torch.float64, device=dev)
-        for axis in range(d):  # ITK axis k is tensor dim d - 1 - k
-            view = [1] * d
-            view[d - 1 - axis] = fixed.grid.size[axis]
-            ramp = torch.arange(fixed.grid.size[axis], dtype=torch.float64, device=dev) * float(per_index[c, axis])
-            total = total + ramp.reshape(view)
-        out[c] = total
-    return Image(out, fixed.grid)
+    """``u(x) = M x - x`` (mm) at every fixed voxel, as a ``D``-channel image on the fixed grid
+    (:func:`regcore.transforms.linear.matrix_displacement`)."""
+    return Image(matrix_displacement(matrix, fixed.grid), fixed.grid)
 
 
 def _check_overlap(fixed: Image, moving: Image, transform: LinearTransform, fixed_name: str, moving_name: str) -> None:

@@ -79,7 +79,7 @@ def test_brain_labelmaps_dice_gain(pair):
 
 
 def test_svf_velocity_grid_by_spacing_spans_the_image_box():
-    from regcore.registration import velocity_grid
+    from regcore.transforms.svf import velocity_grid
 
     grid = Grid((161, 181, 217), (1.0, 1.0, 1.0), (10.0, -5.0, 3.0))
     vg = velocity_grid(grid, 4.0)

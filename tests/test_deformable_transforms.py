@@ -17,13 +17,8 @@ from regcore.errors import InputError
 from regcore.sampling import resample_displacement
 from regcore.image import Image
 from regcore.transforms.bspline import BSplineTransform, bspline_kernel
-from regcore.transforms.deformable import (
-    DEFORMABLE_TRANSFORMS,
-    DeformableTransform,
-    DenseDisplacement,
-    compose_displacements,
-    deformable_transform_class,
-)
+from regcore.transforms.deformable import DeformableTransform, DenseDisplacement, compose_displacements
+from regcore.transforms.registry import DEFORMABLE_TRANSFORMS, deformable_transform_class
 from regcore.transforms.svf import StationaryVelocityField
 from regcore.transforms.wendland import WendlandTransform, wendland
 

@@ -19,7 +19,8 @@ from regcore.evaluation import inverse_consistency, mean_dice
 from regcore.fields import compose_first_order, invert_displacement, resize_field, world_gradient
 from regcore.methods import method_config
 from regcore.sampling import sample_world
-from regcore.transforms.deformable import compose_displacements, deformable_transform_class
+from regcore.transforms.deformable import compose_displacements
+from regcore.transforms.registry import deformable_transform_class
 from regcore.transforms.syn import SymmetricDiffeomorphism
 
 from conftest import blobs, rotation_direction, shared_data

@@ -125,3 +125,51 @@ def test_sitk_transform_is_the_same_map_2d():
 
 def test_translation_has_only_translation_parameters():
     assert [n for n, _ in Translation(3).named_parameters()] == ["translation_param"]
+
+
+# ------------------------------------------------------------------ one hierarchy, one registry
+def test_every_transform_shares_one_base_and_is_registered_once():
+    from regcore.transforms.base import Transform
+    from regcore.transforms.registry import DEFORMABLE_TRANSFORMS, TRANSFORMS
+
+    assert set(TRANSFORMS) == set(LINEAR_TRANSFORMS) | set(DEFORMABLE_TRANSFORMS)
+    for name, cls in TRANSFORMS.items():
+        assert issubclass(cls, Transform) and cls.kind == name
+        assert cls.is_linear == (name in LINEAR_TRANSFORMS)
+    import regcore.transforms.deformable as deformable_module
+
+    assert not hasattr(deformable_module, "__getattr__")  # no lazy import of its own subclasses
+
+
+def test_linear_and_deformable_displacements_through_the_common_api():
+    from regcore.transforms.base import compose
+    from regcore.transforms.registry import build_transform
+
+    grid = Grid((9, 8, 7), (2.0, 1.5, 1.0), origin=(3.0, -2.0, 1.0))
+    rigid = build_transform("rigid", grid)
+    rigid.set_angles([0.1, -0.05, 0.2])
+    rigid.set_translation([1.0, 2.0, -3.0])
+    pts = grid.world_points(dtype=torch.float64)
+    u = rigid.displacement(grid)
+    assert u.shape == (3, 7, 8, 9)
+    expected = torch.movedim(rigid(pts) - pts, -1, 0)
+    assert torch.allclose(u.double(), expected, atol=1e-4)
+    dense = build_transform("dense", grid)
+    with torch.no_grad():
+        dense.field.normal_(0, 0.5)
+    chained = compose(rigid.matrix().detach(), dense.displacement(grid).double(), pts)
+    want = torch.movedim(rigid(pts + torch.movedim(dense.displacement(grid).double(), 0, -1)) - pts, -1, 0)
+    assert torch.allclose(chained, want, atol=1e-9)
+
+
+def test_transform_params_are_validated_by_the_registrys_model():
+    from regcore import InputError, method_config
+
+    with pytest.raises(InputError, match="accepted: control_spacing_mm"):
+        method_config("ffd", {"stages": [{"transform_params": {"control_spacing": 4}}]})
+    with pytest.raises(InputError, match="accepted: none"):
+        method_config("affine", {"stages": [{"transform_params": {"steps": 4}}]})
+    with pytest.raises(InputError, match="choose|literal_error|dense"):
+        method_config({"name": "x", "stages": [{"transform": "bspline"}]})
+    svf = method_config("svf", {"stages": [{"transform_params": {"control_spacing_mm": 4.0, "steps": 5}}]})
+    assert svf.stages[0].transform_params == {"control_spacing_mm": 4.0, "steps": 5}

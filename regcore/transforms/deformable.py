@@ -17,9 +17,9 @@ This module holds:
 * :class:`DenseDisplacement` -- one free displacement vector per voxel;
 * :func:`compose_displacements` -- ``w(x) = first(x) + second(x + first(x))``;
 * the control-lattice geometry and the banded-kernel evaluator shared by the B-spline
-  (:mod:`.bspline`) and Wendland (:mod:`.wendland`) transforms;
-* the registry :data:`DEFORMABLE_TRANSFORMS` / :func:`deformable_transform_class` (resolved
-  lazily so that the transform modules can import this one without an import cycle).
+  (:mod:`.bspline`) and Wendland (:mod:`.wendland`) transforms.
+
+The names of all transforms, linear and deformable, are in :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ from ..errors import InputError
 from ..grid import Grid
 from ..image import Image
 from ..sampling import resample_displacement, sample_normalized, sample_world
+from .base import Transform
 
 __all__ = [
     "DeformableTransform",
     "DenseDisplacement",
     "compose_displacements",
     "control_lattice",
-    "deformable_transform_class",
-    "DEFORMABLE_TRANSFORMS",
 ]
 
 #: Largest error (in lattice units, summed over the grid's extent) that the off-diagonal part of
@@ -334,7 +333,7 @@ class _PlanCache:
 # ---------------------------------------------------------------------------------------------
 # base class
 # ---------------------------------------------------------------------------------------------
-class DeformableTransform(nn.Module):
+class DeformableTransform(Transform):
     """Base class of deformable transforms ``T(x) = x + u(x)`` (fixed world -> moving world, mm).
 
     Args:
@@ -451,37 +450,3 @@ class DenseDisplacement(DeformableTransform):
         new = resample_field(self.field.detach(), self.field_grid, grid).clone()
         self.field = nn.Parameter(new)
         self.field_grid = grid
-
-
-# ---------------------------------------------------------------------------------------------
-# registry (lazy: the transform modules import this one)
-# ---------------------------------------------------------------------------------------------
-def _registry() -> dict[str, type[DeformableTransform]]:
-    from .bspline import BSplineTransform
-    from .svf import StationaryVelocityField
-    from .syn import SymmetricDiffeomorphism
-    from .wendland import WendlandTransform
-
-    return {
-        "dense": DenseDisplacement,
-        "ffd": BSplineTransform,
-        "wendland": WendlandTransform,
-        "svf": StationaryVelocityField,
-        "syn": SymmetricDiffeomorphism,
-    }
-
-
-def deformable_transform_class(name: str) -> type[DeformableTransform]:
-    """The deformable transform class registered under ``name`` (see :data:`DEFORMABLE_TRANSFORMS`)."""
-    registry = _registry()
-    if name not in registry:
-        raise InputError(f"unknown deformable transform {name!r}; choose one of {sorted(registry)}")
-    return registry[name]
-
-
-def __getattr__(name: str):
-    # ``DEFORMABLE_TRANSFORMS`` = {"dense": DenseDisplacement, "ffd": BSplineTransform,
-    # "wendland": WendlandTransform, "svf": StationaryVelocityField}, built on first access.
-    if name == "DEFORMABLE_TRANSFORMS":
-        return _registry()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

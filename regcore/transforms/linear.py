@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..grid import Grid
+from .base import Transform
 
 __all__ = [
     "LinearTransform",
@@ -32,6 +34,7 @@ __all__ = [
     "Affine",
     "LINEAR_TRANSFORMS",
     "rotation_matrix",
+    "matrix_displacement",
 ]
 
 
@@ -64,7 +67,33 @@ def rotation_angles(rotation: np.ndarray) -> np.ndarray:
     return np.array([ax, ay, az])
 
 
-class LinearTransform(nn.Module):
+def matrix_displacement(matrix: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``u(x) = M x - x`` (mm) at every voxel centre of ``grid``: ``(D, *grid.shape)`` float32.
+
+    ``u`` is affine in the voxel index: ``u = (M - I)(origin + R S i) + t``; it is assembled from
+    per-axis terms in float64 (no per-voxel world coordinates), then stored as float32. Not
+    differentiated (the optimisation works on ``matrix()``).
+    """
+    d = grid.ndim
+    m = matrix.detach().to(torch.float64).cpu().numpy()
+    lin = m[:d, :d] - np.eye(d)
+    index_to_world = grid.index_to_world()
+    per_index = lin @ index_to_world[:d, :d]  # mm of u per voxel step along each index axis
+    offset = lin @ index_to_world[:d, d] + m[:d, d]
+    dev = matrix.device
+    out = torch.empty((d, *grid.shape), dtype=torch.float32, device=dev)
+    for c in range(d):
+        total = torch.full((), float(offset[c]), dtype=torch.float64, device=dev)
+        for axis in range(d):  # ITK axis k is tensor dim d - 1 - k
+            view = [1] * d
+            view[d - 1 - axis] = grid.size[axis]
+            ramp = torch.arange(grid.size[axis], dtype=torch.float64, device=dev) * float(per_index[c, axis])
+            total = total + ramp.reshape(view)
+        out[c] = total
+    return out
+
+
+class LinearTransform(Transform):
     """Base class: ``T(x) = A (x - c) + c + t`` on world points in mm.
 
     Args:
@@ -75,6 +104,17 @@ class LinearTransform(nn.Module):
     """
 
     kind = "linear"
+    is_linear = True
+
+    @classmethod
+    def from_config(cls, grid: Grid) -> "LinearTransform":
+        """The transform for the fixed ``grid``: ``length_scale`` half its diagonal (no params)."""
+        length = float(np.linalg.norm(grid.extent())) / 2 or 1.0
+        return cls(grid.ndim, length_scale=length)
+
+    def displacement(self, grid: Grid) -> torch.Tensor:
+        """``T(x) - x`` on ``grid`` (see :func:`matrix_displacement`)."""
+        return matrix_displacement(self.matrix(), grid)
 
     def __init__(self, dim: int, center: Sequence[float] | None = None, length_scale: float = 1.0) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from .deformable import (
     resample_field,
 )
 
-__all__ = ["StationaryVelocityField"]
+__all__ = ["StationaryVelocityField", "velocity_grid"]
 
 #: Bounds on the automatic number of squaring steps.
 MIN_STEPS, MAX_STEPS = 6, 12
@@ -74,6 +74,21 @@ class StationaryVelocityField(DeformableTransform):
         self.velocity_grid = vgrid
         self.steps = None if steps is None else int(steps)
         self.velocity = nn.Parameter(torch.zeros((grid.ndim, *vgrid.shape), dtype=dtype))
+
+    @classmethod
+    def from_config(cls, grid: Grid, control_spacing_mm: float | None = None, control_factor: float | None = None,
+                    steps: int | None = None) -> "StationaryVelocityField":
+        """The SVF for the fixed ``grid`` with its velocity on a grid of about
+        ``control_spacing_mm`` between nodes (:func:`velocity_grid`), or on ``grid`` downsampled by
+        ``control_factor``, or on ``grid`` itself."""
+        if control_spacing_mm is not None and control_factor is not None:
+            raise InputError("svf: give control_spacing_mm or control_factor, not both")
+        control = None
+        if control_factor is not None:
+            control = grid.downsample(float(control_factor), min_size=4)
+        if control_spacing_mm is not None:
+            control = velocity_grid(grid, float(control_spacing_mm))
+        return cls(grid, control_grid=control, steps=steps)
 
     # -- exponential -----------------------------------------------------------------------
     def num_steps(self, velocity: torch.Tensor | None = None) -> int:
@@ -125,3 +140,18 @@ class StationaryVelocityField(DeformableTransform):
     def regularization_grid(self, grid: Grid) -> Grid:
         """``velocity_grid``: the velocity is regularised where it lives (no resampling)."""
         return self.velocity_grid
+
+
+def velocity_grid(grid: Grid, spacing_mm: float, min_size: int = 4) -> Grid:
+    """A grid over ``grid``'s box (same first and last voxel centres, same direction) with about
+    ``spacing_mm`` between nodes (never finer than ``grid``, at least ``min_size`` nodes per axis
+    unless ``grid`` has fewer): the velocity grid of an SVF, independent of the image resolution."""
+    if not spacing_mm > 0:
+        raise InputError(f"svf control_spacing_mm must be positive, got {spacing_mm}")
+    size, spacing = [], []
+    for n, sp in zip(grid.size, grid.spacing):
+        extent = (n - 1) * sp
+        m = min(n, max(min(n, min_size), int(round(extent / spacing_mm)) + 1))
+        size.append(m)
+        spacing.append(extent / (m - 1) if m > 1 else sp)
+    return Grid(tuple(size), tuple(spacing), grid.origin, grid.direction)
