@@ -8,6 +8,7 @@ The canonical hash (sha256 of the sorted, compact JSON of the validated config) 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -21,6 +22,9 @@ from .errors import InputError
 from .losses.modules import LOSSES
 from .optimizers import OPTIMIZERS as OPTIMIZER_CLASSES
 from .regularizers.modules import REGULARIZERS as REGULARIZER_CLASSES
+from .params import check_params as check_against
+from .params import signature_model
+from .transforms.init import INITIALIZERS
 from .transforms.registry import TRANSFORMS, check_params
 
 __all__ = [
@@ -41,6 +45,8 @@ __all__ = [
 #: names from the registries (one source of truth: a new measure is one class + one registration)
 MEASURES = tuple(LOSSES)
 TRANSFORM_NAMES = tuple(TRANSFORMS)
+#: initialisers of a stage: the registry's, or "previous" (start from the stage before)
+INIT_NAMES = tuple(INITIALIZERS) + ("previous",)
 REGULARIZERS = tuple(REGULARIZER_CLASSES)
 #: Keys that give one setting in different ways: an override naming one drops the others.
 ALTERNATIVE_KEYS = (("factors", "spacing_mm"),)
@@ -48,6 +54,13 @@ ALTERNATIVE_KEYS = (("factors", "spacing_mm"),)
 #: ``greedy``: the normalised compositive steps of the ``syn`` transform (:mod:`regcore.greedy`),
 #: ``lr`` being the largest step in voxels.
 OPTIMIZERS = tuple(OPTIMIZER_CLASSES) + ("greedy",)
+
+
+@functools.lru_cache(maxsize=None)
+def component_params_model(kind: str, name: str) -> type[BaseModel]:
+    """The typed params model of a registered measure or regulariser (its constructor's signature)."""
+    cls = {"measure": LOSSES, "regularizer": REGULARIZER_CLASSES}[kind][name]
+    return signature_model(cls.__init__, cls.__name__)
 
 
 class _Strict(BaseModel):
@@ -61,6 +74,11 @@ class TermConfig(_Strict):
     weight: float = Field(1.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _typed_params(self) -> "TermConfig":
+        check_against(component_params_model("measure", self.measure), self.params, f"measure {self.measure!r}")
+        return self
+
 
 class RegularizerConfig(_Strict):
     """One weighted regulariser of a deformable stage: ``weight * regulariser(field, **params)``."""
@@ -68,6 +86,11 @@ class RegularizerConfig(_Strict):
     name: Literal[REGULARIZERS]  # type: ignore[valid-type]
     weight: float = Field(1.0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _typed_params(self) -> "RegularizerConfig":
+        check_against(component_params_model("regularizer", self.name), self.params, f"regularizer {self.name!r}")
+        return self
 
 
 class SmoothingConfig(_Strict):
@@ -224,7 +247,7 @@ class StageConfig(_Strict):
     """
 
     transform: Literal[TRANSFORM_NAMES]  # type: ignore[valid-type]
-    init: Literal["none", "geometry", "moments", "previous"] = "geometry"
+    init: Literal[INIT_NAMES] = "geometry"  # type: ignore[valid-type]
     transform_params: dict[str, Any] = Field(default_factory=dict)
     regularizers: list[RegularizerConfig] = Field(default_factory=list)
     smoothing: SmoothingConfig | None = None

@@ -173,3 +173,18 @@ def test_transform_params_are_validated_by_the_registrys_model():
         method_config({"name": "x", "stages": [{"transform": "bspline"}]})
     svf = method_config("svf", {"stages": [{"transform_params": {"control_spacing_mm": 4.0, "steps": 5}}]})
     assert svf.stages[0].transform_params == {"control_spacing_mm": 4.0, "steps": 5}
+
+
+def test_measure_regulariser_and_initialiser_params_come_from_their_registries():
+    from regcore import InputError, method_config
+    from regcore.transforms.init import INITIALIZERS
+
+    with pytest.raises(InputError, match=r"measure 'lcc' \(accepted: radius, eps, exact\)"):
+        method_config("affine", {"stages": [{"objective": [{"measure": "lcc", "params": {"window": 3}}]}]})
+    with pytest.raises(InputError, match=r"regularizer 'tv' \(accepted: eps\)"):
+        method_config("ffd", {"stages": [{"regularizers": [{"name": "tv", "params": {"alpha": 1}}]}]})
+    with pytest.raises(InputError, match="radius"):  # typed: a radius must be an integer
+        method_config("affine", {"stages": [{"objective": [{"measure": "lcc", "params": {"radius": 2.5}}]}]})
+    assert set(INITIALIZERS) == {"none", "geometry", "moments"}
+    with pytest.raises(InputError, match="moments"):
+        method_config("affine", {"stages": [{"init": "centre"}]})

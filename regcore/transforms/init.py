@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -11,9 +11,9 @@ from ..errors import InputError
 from ..image import Image
 from .linear import LinearTransform
 
-__all__ = ["center_of_mass", "image_center", "initialize_linear", "InitMode"]
+__all__ = ["center_of_mass", "image_center", "initialize_linear", "InitMode", "INITIALIZERS"]
 
-InitMode = Literal["none", "geometry", "moments"]
+InitMode = str  # a name of INITIALIZERS
 
 
 def image_center(image: Image) -> np.ndarray:
@@ -44,6 +44,30 @@ def center_of_mass(image: Image, mask: Image | None = None) -> np.ndarray:
     return np.asarray(image.grid.index_points_to_world(np.asarray(index)), dtype=np.float64)
 
 
+def _centres_none(fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None):
+    """The identity, rotating about the fixed image's centre."""
+    centre = image_center(fixed)
+    return centre, centre
+
+
+def _centres_geometry(fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None):
+    """The centres of the two voxel boxes."""
+    return image_center(fixed), image_center(moving)
+
+
+def _centres_moments(fixed: Image, moving: Image, fixed_mask: Image | None, moving_mask: Image | None):
+    """The two centres of mass (within the masks)."""
+    return center_of_mass(fixed, fixed_mask), center_of_mass(moving, moving_mask)
+
+
+#: the initialisers by name: each gives (fixed centre, moving centre) in world mm
+INITIALIZERS: dict[str, Callable[[Image, Image, Image | None, Image | None], tuple[np.ndarray, np.ndarray]]] = {
+    "none": _centres_none,
+    "geometry": _centres_geometry,
+    "moments": _centres_moments,
+}
+
+
 def initialize_linear(
     transform: LinearTransform,
     fixed: Image,
@@ -52,19 +76,14 @@ def initialize_linear(
     fixed_mask: Image | None = None,
     moving_mask: Image | None = None,
 ) -> None:
-    """Put the rotation centre at the fixed image's centre and translate it onto the moving one.
+    """Put the rotation centre at the fixed centre of the initialiser ``mode`` (one of
+    :data:`INITIALIZERS`) and translate it onto the moving centre.
 
     ``geometry`` uses the centres of the voxel boxes, ``moments`` the centres of mass, ``none``
     keeps the identity but still centres the rotation on the fixed image.
     """
-    if mode == "moments":
-        cf, cm = center_of_mass(fixed, fixed_mask), center_of_mass(moving, moving_mask)
-    elif mode == "geometry":
-        cf, cm = image_center(fixed), image_center(moving)
-    elif mode == "none":
-        cf = image_center(fixed)
-        cm = cf
-    else:
-        raise InputError(f"unknown initialisation {mode!r}; use 'none', 'geometry' or 'moments'")
+    if mode not in INITIALIZERS:
+        raise InputError(f"unknown initialisation {mode!r}; use one of {', '.join(INITIALIZERS)}")
+    cf, cm = INITIALIZERS[mode](fixed, moving, fixed_mask, moving_mask)
     transform.set_center(cf)
     transform.set_translation(cm - cf)

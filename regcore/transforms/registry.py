@@ -9,15 +9,15 @@ registration read this registry; no list of names exists elsewhere.
 
 from __future__ import annotations
 
-import inspect
-import typing
 from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel
 
 from ..errors import InputError
 from ..grid import Grid
+from ..params import check_params as check_against
+from ..params import signature_model
 from .base import Transform
 from .bspline import BSplineTransform
 from .deformable import DeformableTransform, DenseDisplacement
@@ -59,10 +59,6 @@ def deformable_transform_class(name: str) -> type[DeformableTransform]:
     return DEFORMABLE_TRANSFORMS[name]
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-
 @lru_cache(maxsize=None)
 def params_model(name: str) -> type[BaseModel]:
     """The typed model of a transform's stage params: the keyword parameters of its
@@ -70,24 +66,12 @@ def params_model(name: str) -> type[BaseModel]:
     their annotations and defaults (unknown keys rejected)."""
     cls = transform_class(name)
     factory = cls.__init__ if cls.from_config.__func__ is Transform.from_config.__func__ else cls.from_config
-    signature = inspect.signature(factory)
-    hints = typing.get_type_hints(factory)
-    fields: dict[str, Any] = {}
-    for pname, p in signature.parameters.items():
-        if pname in ("self", "cls", "grid", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        fields[pname] = (hints.get(pname, Any), ... if p.default is p.empty else p.default)
-    return create_model(f"{cls.__name__}Params", __base__=_Params, **fields)
+    return signature_model(factory, cls.__name__, skip=("grid", "dtype"))
 
 
 def check_params(name: str, params: dict[str, Any]) -> None:
     """Validate a stage's ``transform_params`` for ``name``; ValueError naming the accepted ones."""
-    model = params_model(name)
-    try:
-        model.model_validate(params)
-    except ValidationError as exc:
-        accepted = ", ".join(model.model_fields) or "none"
-        raise ValueError(f"bad transform_params for {name!r} (accepted: {accepted}): {exc}") from None
+    check_against(params_model(name), params, f"transform {name!r} (transform_params)")
 
 
 def build_transform(name: str, grid: Grid, params: dict[str, Any] | None = None) -> Transform:
