@@ -1,5 +1,6 @@
 """Image similarity measures (:mod:`.functional`) and the losses built on them (:mod:`.modules`)."""
 
+from regcore.losses import functional as _functional, local_cc as _local_cc, modules as _modules
 from regcore.losses.functional import (
     gaussian_kernel1d,
     lncc,
@@ -12,7 +13,7 @@ from regcore.losses.functional import (
     spatial_gradient,
     ssim,
 )
-from regcore.losses.local_cc import local_cc, local_cc_gradients, window_sum
+from regcore.losses.local_cc import local_cc, local_cc_gradients, window_count, window_sum
 from regcore.losses.modules import (
     LOSSES,
     LNCCLoss,
@@ -27,29 +28,4 @@ from regcore.losses.modules import (
     build_loss,
 )
 
-__all__ = [
-    "gaussian_kernel1d",
-    "separable_filter",
-    "spatial_gradient",
-    "mse",
-    "ncc",
-    "lncc",
-    "local_cc",
-    "local_cc_gradients",
-    "window_sum",
-    "ssim",
-    "mutual_information",
-    "normalized_mutual_information",
-    "ngf",
-    "SimilarityLoss",
-    "MSELoss",
-    "NCCLoss",
-    "LNCCLoss",
-    "LocalCCLoss",
-    "SSIMLoss",
-    "MILoss",
-    "NMILoss",
-    "NGFLoss",
-    "LOSSES",
-    "build_loss",
-]
+__all__ = [*_functional.__all__, *_local_cc.__all__, *_modules.__all__]  # what each module exports

@@ -1,6 +1,7 @@
 """Regularisers of displacement/velocity fields (:mod:`.functional`) and their modules
 (:mod:`.modules`)."""
 
+from regcore.regularizers import functional as _functional, modules as _modules
 from regcore.regularizers.functional import (
     bending_energy,
     diffusion,
@@ -24,23 +25,4 @@ from regcore.regularizers.modules import (
     build_regularizer,
 )
 
-__all__ = [
-    "spatial_jacobian",
-    "jacobian_determinant",
-    "jacobian_stats",
-    "diffusion",
-    "total_variation",
-    "total_variation_anisotropic",
-    "sparsity",
-    "bending_energy",
-    "folding_penalty",
-    "Regularizer",
-    "DiffusionRegularizer",
-    "TVRegularizer",
-    "AnisotropicTVRegularizer",
-    "SparsityRegularizer",
-    "BendingEnergyRegularizer",
-    "JacobianRegularizer",
-    "REGULARIZERS",
-    "build_regularizer",
-]
+__all__ = [*_functional.__all__, *_modules.__all__]  # what each module exports
