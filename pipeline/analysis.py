@@ -179,13 +179,9 @@ def verify_pair(store: str | Path, pair: int | str) -> bool:
     if str(root["status"][i]) != "complete":
         raise InputError(f"pair {layout.pairs[i].pair_id}: not complete (status {str(root['status'][i])!r})")
     values = read_values(store, i)
-    if layout.stacked:
-        fld = root["displacement"][i]
-        labs = root["warped_labels"][i] if "warped_labels" in root else None
-    else:
-        g = root[field_path(layout.pairs[i].pair_id)]
-        fld = g["displacement"][...]
-        labs = g["warped_labels"][...] if "warped_labels" in g else None
+    disp, warped, entry = layout.field_arrays(root, i)
+    fld = disp[entry] if disp is not None else None
+    labs = warped[entry] if warped is not None else None
     return pair_checksum(values, fld, labs) == str(root["checksum"][i])
 
 

@@ -54,7 +54,8 @@ __all__ = [
     "STRING_VARS", "FLOAT_VARS", "INT_VARS", "LABEL_VARS", "LEVEL_VARS", "CHECKSUM_VARS",
     "VAR_ATTRS", "var_attrs", "LAYOUT_VERSION", "check_layout_version", "NGFF_VERSION", "StoreLayout", "init_results", "read_layout", "PairWriter",
     "pair_checksum", "read_field", "read_warped_labels", "read_status", "mark_failed", "field_path", "read_values",
-    "stored_attrs", "open_root", "consolidate", "ngff_scene", "ngff_field",
+    "stored_attrs", "open_root", "consolidate", "ngff_scene", "ngff_field", "StackedFields", "PerPairFields",
+    "field_layout",
 ]
 
 #: the results layout this code writes and reads (root attribute ``layout_version``); version 1
@@ -187,11 +188,99 @@ def ngff_scene(pairs: Sequence[tuple[int, Pair, str]], ndim: int, stacked: bool)
     return {"version": NGFF_VERSION, "scene": scene}
 
 
-def _root_scene(pairs: Sequence[Pair], has_field: Sequence[bool], stacked: bool, ndim: int) -> dict[str, Any]:
+def _root_scene(pairs: Sequence[Pair], has_field: Sequence[bool], fields: "FieldLayout", ndim: int) -> dict[str, Any]:
     """The root's scene: every pair (index = row of the table) that has a field array."""
-    entries = [(i, p, "displacement" if stacked else f"{field_path(p.pair_id)}/displacement")
-               for i, (p, has) in enumerate(zip(pairs, has_field)) if has]
-    return ngff_scene(entries, ndim, stacked)
+    entries = [(i, p, fields.entry(p)) for i, (p, has) in enumerate(zip(pairs, has_field)) if has]
+    return ngff_scene(entries, ndim, fields.stacked)
+
+
+class StackedFields:
+    """Field layout when every pair has the same fixed grid: root arrays ``displacement``
+    ``(pair, component, *spatial)`` and ``warped_labels`` ``(pair, *spatial)``, a pair's slice at
+    its index."""
+
+    stacked = True
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def arrays(self, root: zarr.Group, index: int, pair: Pair) -> tuple[Any, Any, Any]:
+        """``(displacement array, warped-labels array or None, selector of the pair's entry)``."""
+        if "displacement" not in root:
+            return None, None, index
+        return root["displacement"], (root["warped_labels"] if "warped_labels" in root else None), index
+
+    def create(self, root: zarr.Group, pairs: Sequence[Pair], grids: Sequence[Grid | None],
+               moving_has_labels: bool, make: Any) -> None:
+        ndim, n = self.grid.ndim, len(pairs)
+        shape = tuple(self.grid.shape)
+        chunks = tuple(min(s, 64) for s in shape)
+        spatial_dims = ["z", "y", "x"][3 - ndim:]
+        make("component", (ndim,), (ndim,), str, ["component"], "")[...] = np.array(["x", "y", "z"][:ndim], dtype=object)
+        make("displacement", (n, ndim) + shape, (1, ndim) + chunks, "float32", ["pair", "component"] + spatial_dims,
+             np.nan, compressors=COMPRESSOR, attributes={
+                 **grid_attrs(self.grid), "ome": ngff_field(self.grid, "displacement", [p.fixed for p in pairs], 2)})
+        if moving_has_labels:
+            make("warped_labels", (n,) + shape, (1,) + chunks, "int32", ["pair"] + spatial_dims, -1,
+                 compressors=COMPRESSOR, attributes=grid_attrs(self.grid))
+
+    def grow(self, root: zarr.Group, table: Sequence[Pair], new: dict[Pair, Grid | None],
+             moving_has_labels: bool, path: Path) -> list[bool]:
+        """Arrays for the pairs ``new`` appended to ``table``; which pairs of ``table`` have a field."""
+        odd = [p.pair_id for p, g in new.items() if g is not None and g != self.grid]
+        if odd:
+            raise InputError(f"store {str(path)!r} stacks every field on one fixed grid; new pair(s) "
+                             f"{', '.join(odd[:3])} have another fixed grid: use a new store for them")
+        n = len(table)
+        disp = root["displacement"]
+        if disp.shape[0] != n:
+            disp.resize((n,) + tuple(disp.shape[1:]))
+        disp.attrs.update({"ome": ngff_field(self.grid, "displacement", [p.fixed for p in table], 2)})
+        if "warped_labels" in root and root["warped_labels"].shape[0] != n:
+            root["warped_labels"].resize((n,) + tuple(root["warped_labels"].shape[1:]))
+        return [True] * n
+
+    def entry(self, pair: Pair) -> str:
+        """The displacement array of a pair (NGFF ``path``)."""
+        return "displacement"
+
+
+class PerPairFields:
+    """Field layout when fixed grids differ: a group ``fields/<pair_id>/`` per pair with its own
+    ``displacement`` ``(component, *spatial)`` and ``warped_labels`` on the pair's fixed grid."""
+
+    stacked = False
+    grid = None
+
+    def arrays(self, root: zarr.Group, index: int, pair: Pair) -> tuple[Any, Any, Any]:
+        path = field_path(pair.pair_id)
+        if path not in root:
+            return None, None, ...
+        g = root[path]
+        return g["displacement"], (g["warped_labels"] if "warped_labels" in g else None), ...
+
+    def create(self, root: zarr.Group, pairs: Sequence[Pair], grids: Sequence[Grid | None],
+               moving_has_labels: bool, make: Any) -> None:
+        for pair, grid in zip(pairs, grids):
+            _make_pair_fields(root, pair, grid, moving_has_labels)
+
+    def grow(self, root: zarr.Group, table: Sequence[Pair], new: dict[Pair, Grid | None],
+             moving_has_labels: bool, path: Path) -> list[bool]:
+        for p, grid in new.items():
+            _make_pair_fields(root, p, grid, moving_has_labels)
+        groups = set(root["fields"].group_keys()) if "fields" in root else set()
+        return [p.pair_id in groups for p in table]
+
+    def entry(self, pair: Pair) -> str:
+        return f"{field_path(pair.pair_id)}/displacement"
+
+
+FieldLayout = StackedFields | PerPairFields
+
+
+def field_layout(grid: Grid | None) -> FieldLayout:
+    """Stacked on ``grid`` when every pair shares that fixed grid, else per pair (``None``)."""
+    return StackedFields(grid) if grid is not None else PerPairFields()
 
 
 @dataclass(frozen=True)
@@ -205,6 +294,15 @@ class StoreLayout:
     stacked: bool          # fields stacked in root arrays along ``pair``
     field_grid: Grid | None  # the shared fixed grid when stacked
     ndim: int
+
+    @property
+    def fields(self) -> FieldLayout:
+        """The field layout strategy (where a pair's field and warped labels live)."""
+        return field_layout(self.field_grid if self.stacked else None)
+
+    def field_arrays(self, root: zarr.Group, index: int) -> tuple[Any, Any, Any]:
+        """Pair ``index``'s ``(displacement array, warped-labels array or None, selector)``."""
+        return self.fields.arrays(root, index, self.pairs[index])
 
     def index(self, pair: int | str) -> int:
         if isinstance(pair, (int, np.integer)):
@@ -304,25 +402,11 @@ def init_results(store: str | Path, pairs: Sequence[Pair], fixed_grids: dict[str
     for name in LEVEL_INT_VARS:
         make(name, (n, n_levels), (1, n_levels), "int32", ["pair", "level"], -1)
 
-    spatial_dims = ["z", "y", "x"][3 - ndim:]
-    if stacked:
-        assert field_grid is not None
-        shape = tuple(field_grid.shape)
-        chunks = tuple(min(s, 64) for s in shape)
-        make("component", (ndim,), (ndim,), str, ["component"], "")[...] = np.array(["x", "y", "z"][:ndim], dtype=object)
-        make("displacement", (n, ndim) + shape, (1, ndim) + chunks, "float32", ["pair", "component"] + spatial_dims,
-             np.nan, compressors=COMPRESSOR, attributes={
-                 **grid_attrs(field_grid), "ome": ngff_field(field_grid, "displacement", [p.fixed for p in pairs], 2)})
-        if moving_has_labels:
-            make("warped_labels", (n,) + shape, (1,) + chunks, "int32", ["pair"] + spatial_dims, -1,
-                 compressors=COMPRESSOR, attributes=grid_attrs(field_grid))
-    else:
-        for pair, grid in zip(pairs, grids):
-            _make_pair_fields(root, pair, grid, moving_has_labels)
+    field_layout(field_grid).create(root, pairs, grids, moving_has_labels, make)
     root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": n_levels, "labels": list(map(int, labels)),
                        "stacked": stacked, "ndim": ndim, "layout_version": LAYOUT_VERSION,
                        "field_grid": grid_attrs(field_grid) if field_grid is not None else None,
-                       "ome": _root_scene(pairs, [stacked or g is not None for g in grids], stacked, ndim)})
+                       "ome": _root_scene(pairs, [stacked or g is not None for g in grids], field_layout(field_grid), ndim)})
     consolidate(path)  # every array and attribute exists: the tasks only write chunks
     write_pairs(pairs, frozen)  # frozen last: a store with pairs.csv is fully initialised
     return read_layout(path)
@@ -371,11 +455,6 @@ def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_g
     new_labels = [int(v) for v in labels if int(v) not in known_labels]
     all_labels = list(layout.labels) + new_labels
     grids = {p: fixed_grids.get(p.fixed) for p in new}
-    if layout.stacked:
-        odd = [p.pair_id for p, g in grids.items() if g is not None and g != layout.field_grid]
-        if odd:
-            raise InputError(f"store {str(path)!r} stacks every field on one fixed grid; new pair(s) "
-                             f"{', '.join(odd[:3])} have another fixed grid: use a new store for them")
     levels = max(n_levels, layout.n_levels)
 
     def grow(name: str, shape: tuple) -> zarr.Array:
@@ -400,20 +479,9 @@ def _extend_results(path: Path, root: zarr.Group, pairs: Sequence[Pair], fixed_g
     for name in LEVEL_VARS + LEVEL_INT_VARS:
         grow(name, (n, levels))
     table = list(old) + new
-    if layout.stacked:
-        assert layout.field_grid is not None
-        disp = grow("displacement", (n,) + tuple(root["displacement"].shape[1:]))
-        disp.attrs.update({"ome": ngff_field(layout.field_grid, "displacement", [p.fixed for p in table], 2)})
-        if "warped_labels" in root:
-            grow("warped_labels", (n,) + tuple(root["warped_labels"].shape[1:]))
-        has_field = [True] * n
-    else:
-        for p, grid in grids.items():
-            _make_pair_fields(root, p, grid, moving_has_labels)
-        groups = set(root["fields"].group_keys()) if "fields" in root else set()
-        has_field = [p.pair_id in groups for p in table]
+    has_field = layout.fields.grow(root, table, grids, moving_has_labels, path)
     root.attrs.update({**root_attrs, "n_pairs": n, "n_levels": levels, "labels": all_labels,
-                       "ome": _root_scene(table, has_field, layout.stacked, layout.ndim)})
+                       "ome": _root_scene(table, has_field, layout.fields, layout.ndim)})
     consolidate(path)
     if new:
         append_pairs(new, frozen, start=n_old)  # the log grows last: a pair is in the table once its arrays exist
@@ -513,16 +581,8 @@ class PairWriter:
         self.index = index
         self.pair = self.layout.pairs[index]
 
-    def _field_arrays(self) -> tuple[Any, Any]:
-        if self.layout.stacked:
-            disp = self.root["displacement"]
-            labs = self.root["warped_labels"] if "warped_labels" in self.root else None
-            return disp, labs
-        path = field_path(self.pair.pair_id)
-        if path not in self.root:
-            return None, None
-        g = self.root[path]
-        return g["displacement"], (g["warped_labels"] if "warped_labels" in g else None)
+    def _field_arrays(self) -> tuple[Any, Any, Any]:
+        return self.layout.field_arrays(self.root, self.index)
 
     def begin(self, **strings: str) -> None:
         """Invalidate any earlier result of this pair (status ``running``) and record who runs it."""
@@ -533,17 +593,12 @@ class PairWriter:
         self.root["checksum"][self.index] = ""
 
     def write_field(self, field: np.ndarray, warped_labels: np.ndarray | None) -> None:
-        disp, labs = self._field_arrays()
+        disp, labs, entry = self._field_arrays()
         if disp is None:
             raise InputError(f"pair {self.pair.pair_id}: the store has no field array for it")
-        if self.layout.stacked:
-            disp[self.index] = field
-            if labs is not None and warped_labels is not None:
-                labs[self.index] = warped_labels
-        else:
-            disp[...] = field
-            if labs is not None and warped_labels is not None:
-                labs[...] = warped_labels
+        disp[entry] = field
+        if labs is not None and warped_labels is not None:
+            labs[entry] = warped_labels
 
     @property
     def has_warped_labels(self) -> bool:
@@ -582,30 +637,17 @@ def read_field(store: str | Path, pair: int | str) -> Image:
     """
     layout = read_layout(store)
     i = layout.index(pair)
-    root = open_root(store, "r")
-    if layout.stacked:
-        arr = root["displacement"]
-        data = arr[i]
-    else:
-        arr = root[field_path(layout.pairs[i].pair_id)]["displacement"]
-        data = arr[...]
-    return Image(torch.from_numpy(np.ascontiguousarray(data)), grid_from_attrs(dict(arr.attrs)))
+    arr, _, entry = layout.field_arrays(open_root(store, "r"), i)
+    if arr is None:
+        raise InputError(f"pair {layout.pairs[i].pair_id}: the store has no field for it (its fixed image failed ingest)")
+    return Image(torch.from_numpy(np.ascontiguousarray(arr[entry])), grid_from_attrs(dict(arr.attrs)))
 
 
 def read_warped_labels(store: str | Path, pair: int | str) -> Image | None:
     """The moving label map warped onto the fixed grid (nearest neighbour), if the pair had labels."""
     layout = read_layout(store)
     i = layout.index(pair)
-    root = open_root(store, "r")
-    if layout.stacked:
-        if "warped_labels" not in root:
-            return None
-        arr = root["warped_labels"]
-        data = arr[i]
-    else:
-        g = root[field_path(layout.pairs[i].pair_id)]
-        if "warped_labels" not in g:
-            return None
-        arr = g["warped_labels"]
-        data = arr[...]
-    return Image(torch.from_numpy(np.ascontiguousarray(data))[None], grid_from_attrs(dict(arr.attrs)))
+    _, arr, entry = layout.field_arrays(open_root(store, "r"), i)
+    if arr is None:
+        return None
+    return Image(torch.from_numpy(np.ascontiguousarray(arr[entry]))[None], grid_from_attrs(dict(arr.attrs)))
