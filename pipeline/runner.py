@@ -28,10 +28,10 @@ from typing import Any, Callable, Sequence
 
 
 from regcore import InputError, method_config
-from regcore.config import MethodConfig, config_hash, legacy_config_hash
+from regcore.config import MethodConfig, config_hash, legacy_config_hash, validate_config
 
 from .pairs import Pair
-from .store import consolidate, init_results, mark_failed, open_root, read_layout, read_status
+from .store import consolidate, init_results, mark_failed, open_root, read_layout, read_status, stored_attrs
 from .task import inputs_hash, register_batch_task
 from .zarrio import grid_from_attrs
 
@@ -220,6 +220,24 @@ class _WorkerDeaths(logging.Handler):
         self._logger.propagate = self._propagate
 
 
+def _equivalent_hashes(store: str | Path, cfg: MethodConfig) -> set[str]:
+    """The config hashes under which a complete pair counts as done with ``cfg``: its hash, its
+    legacy hash (params as given, before defaults were hashed), and every hash the store recorded
+    for a config that is ``cfg`` under today's canonical form (the same method written another way,
+    or hashed by an older release)."""
+    chash = config_hash(cfg)
+    out = {chash, legacy_config_hash(cfg)}
+    attrs = stored_attrs(store)
+    recorded = dict(attrs.get("configs") or {})
+    if attrs.get("config_hash") and attrs.get("config"):
+        recorded.setdefault(str(attrs["config_hash"]), attrs["config"])
+    for h, config in recorded.items():
+        with contextlib.suppress(InputError):
+            if config_hash(validate_config(config)) == chash:
+                out.add(str(h))
+    return out
+
+
 def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
                root_attrs: dict[str, Any] | None = None, force: bool = False,
                allow_removed: bool = False) -> tuple[list[int], list[int]]:
@@ -238,7 +256,8 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
     labels = sorted({int(v) for p in pairs for k in (p.fixed, p.moving) if k in ok for v in ok[k].get("labels", [])})
     moving_labels = any(ok.get(p.moving, {}).get("labels") for p in pairs)  # warped (propagated) even without fixed labels
     n_levels = sum(stage.pyramid.n_levels for stage in cfg.stages)
-    chash, legacy = config_hash(cfg), legacy_config_hash(cfg)  # legacy: stores hashed before defaults were
+    chash = config_hash(cfg)
+    same = _equivalent_hashes(store, cfg)
     config = json.loads(cfg.model_dump_json())
     attrs = {"method": cfg.name, "config": config, "config_hash": chash, "configs": {chash: config},
              "versions": package_versions(), **(root_attrs or {})}
@@ -250,7 +269,7 @@ def plan_pairs(store: str | Path, pairs: Sequence[Pair], cfg: MethodConfig,
         i = index[p]
         expected = (inputs_hash(ok[p.fixed]["content_sha256"], ok[p.moving]["content_sha256"])
                     if p.fixed in ok and p.moving in ok else None)
-        done = (state["status"][i] == "complete" and state["config_hash"][i] in (chash, legacy)
+        done = (state["status"][i] == "complete" and state["config_hash"][i] in same
                 and expected is not None and state["inputs_hash"][i] == expected)
         (skip if done and not force else todo).append(i)
     return todo, skip

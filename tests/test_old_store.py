@@ -159,10 +159,6 @@ def test_resume_reruns_only_the_failed_pair(store):
     assert cohortreg(["verify", str(store)]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan_pairs recognises an old store's hash only as legacy_config_hash of the config as given now, so "
-    "lncc {window: <default>} on a store run with lncc {} reruns every pair; needs plan_pairs to also accept "
-    "a stored hash h whose recorded config attrs['configs'][h] has the same canonical hash (pipeline/runner.py)"))
 def test_resume_with_the_default_spelled_out(store):
     """The old store was run with ``lncc {}``; rerunning it with ``lncc {window: <its default>}``
     (one config under the new hash) should rerun nothing either."""
@@ -174,11 +170,6 @@ def test_resume_with_the_default_spelled_out(store):
     assert plan_pairs(store, read_layout(store).pairs, method_config(spelled)) == ([], [0, 1, 2])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a store whose root attrs record no pairing (results written by pipeline.runner.run_pairs directly) "
-    "resumes once from its pairs.csv, but Workflow.run then records pairing {rule: 'atlas', atlas: None}, "
-    "so the next plan fails 'atlas pairing needs an atlas key (--atlas)'; needs workflows/__init__.py to "
-    "record no pairing (or the table's own: the single fixed key as atlas) when the table came from pairs.csv"))
 def test_store_without_recorded_pairing_resumes_twice(store):
     import zarr
 

@@ -76,6 +76,7 @@ class Workflow:
                    "pair_list": str(pair_list) if pair_list else old.get("pair_list")}
         if subjects is None and stored and not old and not (pairs or atlas):  # a store from before pairings were recorded
             table = read_pairs(store / "pairs.csv")
+            pairing = {}  # its table is the pairing: record none, so the next run reads the table again
         else:
             cohort = list(subjects) if subjects is not None else ingested_subjects(store)
             table = make_pairs(cohort, pairing["rule"], atlas=pairing["atlas"], direction=pairing["direction"],
