@@ -25,7 +25,7 @@ import torch
 from regcore import Image, read_image, register
 from regcore.evaluation import mean_dice
 from regcore.registration import linear_displacement
-from regcore.sampling import sample_world
+from regcore.pair_metrics import warp
 from regcore.synthetic import crop_to_labels, intensity_from_labels
 
 SHARED = Path(os.environ.get("COHORTREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -56,9 +56,8 @@ def main() -> None:
             res = register(fixed, moving, method)
             if "affine" not in row and res.deformable is not None:
                 aff = linear_displacement(res.transform.matrix().detach(), fixed)
-                row["affine"] = {"dice": round(mean_dice(fl.data, sample_world(ml, fl.grid.world_points() + torch.movedim(aff.data, 0, -1), mode="nearest"), labels), 4)}
-            pts = fl.grid.world_points() + torch.movedim(res.displacement.data, 0, -1)
-            dice = mean_dice(fl.data, sample_world(ml, pts, mode="nearest"), labels)
+                row["affine"] = {"dice": round(mean_dice(fl.data, warp(ml, aff, mode="nearest").data, labels), 4)}
+            dice = mean_dice(fl.data, warp(ml, res.displacement, mode="nearest").data, labels)
             row[method] = {"dice": round(dice, 4), "seconds": round(time.perf_counter() - t0, 1)}
             if res.deformable is not None:  # the deformable stage alone (levels only)
                 last = len(res.config.stages) - 1

@@ -29,7 +29,7 @@ def _pair(case: str, device: str):
     import torch
 
     from regcore import Grid, Image, read_image
-    from regcore.sampling import sample_world
+    from regcore.pair_metrics import warp
     from regcore.synthetic import crop_to_labels, intensity_from_labels
 
     if case == "brain":
@@ -47,8 +47,7 @@ def _pair(case: str, device: str):
     fixed = Image(img, grid)
     coarse = torch.randn(len(shape), *[4] * len(shape), generator=gen) * 3.0
     u = torch.nn.functional.interpolate(coarse[None], size=shape, mode=mode, align_corners=True)[0]
-    pts = grid.world_points() + torch.movedim(u, 0, -1)
-    moving = Image(sample_world(fixed, pts, padding="border"), grid)
+    moving = warp(fixed, Image(u, grid), padding="border")
     return fixed.to(device), moving.to(device)
 
 

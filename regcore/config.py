@@ -58,9 +58,10 @@ OPTIMIZERS = tuple(OPTIMIZER_CLASSES) + ("greedy",)
 
 @functools.lru_cache(maxsize=None)
 def component_params_model(kind: str, name: str) -> type[BaseModel]:
-    """The typed params model of a registered measure or regulariser (its constructor's signature)."""
-    cls = {"measure": LOSSES, "regularizer": REGULARIZER_CLASSES}[kind][name]
-    return signature_model(cls.__init__, cls.__name__)
+    """The typed params model of a registered measure, regulariser or optimiser (its constructor's
+    signature; an optimiser's ``params`` and ``lr`` are not params of the config's ``params``)."""
+    cls = {"measure": LOSSES, "regularizer": REGULARIZER_CLASSES, "optimizer": OPTIMIZER_CLASSES}[kind][name]
+    return signature_model(cls.__init__, cls.__name__, skip=("params", "lr"))
 
 
 class _Strict(BaseModel):
@@ -130,6 +131,10 @@ class OptimizerConfig(_Strict):
         # regcore's loop takes one LBFGS iteration per step; without a line search LBFGS is unsafe
         if self.name == "lbfgs":
             self.params = {"max_iter": 1, "line_search_fn": "strong_wolfe", **self.params}
+        if self.name in OPTIMIZER_CLASSES:  # "greedy" (the syn transform's steps) takes only lr
+            check_against(component_params_model("optimizer", self.name), self.params, f"optimizer {self.name!r}")
+        elif self.params:
+            raise ValueError(f"optimizer {self.name!r} takes no params (its step is lr), got {sorted(self.params)}")
         return self
 
 

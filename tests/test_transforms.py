@@ -188,3 +188,16 @@ def test_measure_regulariser_and_initialiser_params_come_from_their_registries()
     assert set(INITIALIZERS) == {"none", "geometry", "moments"}
     with pytest.raises(InputError, match="moments"):
         method_config("affine", {"stages": [{"init": "centre"}]})
+
+
+def test_optimiser_params_come_from_the_optimisers_signature():
+    from regcore import InputError, method_config
+
+    cfg = method_config("affine", {"stages": [{"optimizer": {"name": "adam", "lr": 0.1, "params": {"betas": [0.9, 0.99]}}}]})
+    assert cfg.stages[0].optimizer.params == {"betas": [0.9, 0.99]}
+    with pytest.raises(InputError, match=r"optimizer 'adam' \(accepted: betas"):
+        method_config("affine", {"stages": [{"optimizer": {"name": "adam", "params": {"momentum": 0.9}}}]})
+    with pytest.raises(InputError, match="relaxation, min_step"):
+        method_config("affine", {"stages": [{"optimizer": {"name": "rsgd", "params": {"relax": 0.5}}}]})
+    with pytest.raises(InputError, match="takes no params"):
+        method_config("syn", {"stages": [{"optimizer": {"name": "greedy", "params": {"momentum": 0.9}}}]})
