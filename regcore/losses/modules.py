@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from regcore.errors import InputError
-from regcore.losses import functional as L
+import regcore.losses.functional as L
 from regcore.losses.local_cc import local_cc
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from torch import Tensor, nn
 
 from regcore.errors import InputError
-from regcore.regularizers import functional as R
+import regcore.regularizers.functional as R
 
 __all__ = [
     "Regularizer",
