@@ -38,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             bar = _Bar(len(plan.pairs), not args.no_progress)
             try:
-                summary = workflow.run(plan, handle.client, gpu=handle.gpu, progress=bar,
+                summary = workflow.run(plan, handle.client, gpu=handle.gpu, progress=bar, batch_size=handle.batch_size,
                                        on_ingest=lambda report: print(report.summary(), file=sys.stderr))
             finally:
                 bar.close()
