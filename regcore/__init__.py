@@ -9,7 +9,8 @@ from .grid import Grid
 from .image import Image
 from .io import read_image, write_image
 from .methods import available_methods, method_config
-from .registration import RegistrationResult, register
+from .registration import RegistrationFailure, RegistrationResult, register
+from .batch import register_batch
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,9 @@ __all__ = [
     "read_image",
     "write_image",
     "register",
+    "register_batch",
     "RegistrationResult",
+    "RegistrationFailure",
     "method_config",
     "available_methods",
     "CohortregError",
