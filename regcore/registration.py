@@ -308,7 +308,8 @@ def _register_pairs(fixed, movings, method, config, fixed_mask, moving_masks, de
     out: dict[int, RegistrationResult | RegistrationFailure] = {}
 
     def fail(index: int, exc: Exception) -> None:
-        log.warning("pair %d of the batch failed: %s", index, exc)
+        if n > 1:  # one pair: register() raises it, nothing to log here
+            log.warning("pair %d of the batch failed: %s", index, exc)
         out[index] = RegistrationFailure(index, cfg.name, exc, "".join(traceback.format_exception(exc)))
 
     pairs: list[_Pair] = []
