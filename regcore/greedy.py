@@ -61,7 +61,7 @@ def _smoother(sigma_vox: float, ndim: int) -> Callable[[torch.Tensor], torch.Ten
     return smooth
 
 
-def _largest_norms(field: torch.Tensor, ndim: int) -> torch.Tensor:
+def _largest_norms(field: torch.Tensor) -> torch.Tensor:
     """The largest vector length of each field of a batch ``(B, D, *shape)``: ``(B,)``."""
     return (field * field).sum(1).flatten(1).amax(1).sqrt()
 
@@ -162,7 +162,8 @@ def optimize_symmetric_level(
     evaluations = [0] * n
 
     def evaluate(index: list[int], with_gradient: bool):
-        """Losses ``(B',)`` (NaN where a pair has no overlap left), parts, and the forces."""
+        """Losses ``(B',)``, parts and forces of the pairs ``index``; a pair with no overlap left
+        is recorded in ``failures`` (its values, computed with a full mask, are discarded)."""
         every = len(index) == n
         image_f, image_m, mask = sampler.sample(index, to_fixed if every else to_fixed[index],
                                                 to_moving if every else to_moving[index])
@@ -216,7 +217,7 @@ def optimize_symmetric_level(
             if not index:
                 break
             force = smooth_update(force)
-            largest = _largest_norms(force, d)
+            largest = _largest_norms(force)
             moving = largest > 0
             for j in (~moving).nonzero().flatten().tolist():
                 records[index[j]].stop_reason = "converged"

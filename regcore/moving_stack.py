@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .grid import Grid
 from .image import Image
-from .sampling import GRID_SAMPLE_MODES, Mode, Padding, interpolate_linear
+from .sampling import GRID_SAMPLE_MODES, Mode, Padding, interpolate_linear, ramp_weight
 
 __all__ = ["MovingStack"]
 
@@ -97,6 +97,4 @@ class MovingStack:
         """:func:`regcore.sampling.inside_weight` of each pair in its own grid: ``(B', *out)``,
         1 inside, falling to 0 over the last ``ramp_vox`` voxels (not differentiated)."""
         c = coords.detach()
-        half = (self._rows(self.sizes, index, c) - 1).clamp_min(1) / (2.0 * ramp_vox)
-        w = ((1.0 - c.abs()) * half + 1e-4).clamp(0.0, 1.0)
-        return w.prod(-1)
+        return ramp_weight(c, self._rows(self.sizes, index, c), ramp_vox)

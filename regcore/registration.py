@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from .config import MethodConfig, StageConfig, config_hash
@@ -37,7 +36,7 @@ from .transforms.deformable import DeformableTransform, DenseDisplacement
 from .transforms.init import initialize_linear
 from .transforms.linear import LinearTransform, Translation, matrix_displacement
 from .transforms.registry import build_transform
-from .transforms.svf import StationaryVelocityField, velocity_grid
+from .transforms.svf import StationaryVelocityField
 from .transforms.syn import SymmetricDiffeomorphism
 
 __all__ = ["register", "register_pairs", "RegistrationResult", "RegistrationFailure", "LevelRecord", "check_pair",
@@ -401,10 +400,7 @@ def _run_stage(s: int, stage: StageConfig, objective: Objective, fixed: Image, f
                                    lambda: _level_image(moving_n, pair.levels, mwin, mfactor, stage, dev)))
             mmasks.append(downsample(pair.mask, mfactor, stage.pyramid.min_size) if pair.mask is not None else None)
         records = [LevelRecord(s, stage.transform, factor, ()) for _ in group]
-        relay = None
-        if callback is not None:
-            def relay(event: dict, _group: list[_Pair] = group) -> None:  # positions in the group -> in the batch
-                callback({**event, "pair": _group[event.get("pair", 0)].index})
+        relay = None if callback is None else _relay(callback, [p.index for p in group])
         failures = _run_level(stage, objective, group, fixed_l, fmask_l, movings, mmasks, max_iter, lvl, seed, relay,
                               records, deterministic)
         for pair, record in zip(group, records):
@@ -416,6 +412,12 @@ def _run_stage(s: int, stage: StageConfig, objective: Objective, fixed: Image, f
         schedules = [schedules[j] for j in keep]
         if not group:
             return
+
+
+def _relay(callback: Callback, indices: list[int]) -> Callback:
+    """``callback`` with each event's ``pair`` (a position in the level's group) turned into the
+    pair's index in the batch."""
+    return lambda event: callback({**event, "pair": indices[event.get("pair", 0)]})
 
 
 def _run_level(stage: StageConfig, objective: Objective, group: list[_Pair], fixed: Image, fmask: Image | None,

@@ -21,6 +21,7 @@ __all__ = [
     "sample_world",
     "inside_mask",
     "inside_weight",
+    "ramp_weight",
     "linear_theta",
     "warp_linear",
     "warp_points_field",
@@ -157,12 +158,15 @@ def inside_weight(coords: torch.Tensor, size: Sequence[int], ramp_vox: float = 0
     overlap with some measures (NGF), as ITK's metrics also ignore it.
     """
     c = coords.detach()
-    half = torch.as_tensor([max(n - 1, 1) / (2.0 * ramp_vox) for n in size], dtype=c.dtype, device=c.device)
-    w = ((1.0 - c.abs()) * half + 1e-4).clamp(0.0, 1.0)
-    out = w[..., 0]
-    for k in range(1, w.shape[-1]):
-        out = out * w[..., k]
-    return out.to(coords.dtype if coords.is_floating_point() else torch.float32)
+    sizes = torch.as_tensor(list(size), dtype=c.dtype, device=c.device)
+    return ramp_weight(c, sizes, ramp_vox).to(coords.dtype if coords.is_floating_point() else torch.float32)
+
+
+def ramp_weight(coords: torch.Tensor, sizes: torch.Tensor, ramp_vox: float = 0.5) -> torch.Tensor:
+    """The weight of :func:`inside_weight` for normalised coords ``(..., D)`` and grid sizes
+    ``sizes`` (ITK order) broadcastable to them, e.g. ``(D,)`` or one row per pair: ``(...)``."""
+    half = (sizes - 1).clamp_min(1) / (2.0 * ramp_vox)
+    return ((1.0 - coords.abs()) * half + 1e-4).clamp(0.0, 1.0).prod(-1)
 
 
 def linear_theta(fixed: Grid, moving: Grid, world_matrix: torch.Tensor) -> torch.Tensor:

@@ -175,10 +175,17 @@ def test_deterministic_interpolation_equals_grid_sample_values_and_gradients():
             assert torch.allclose(got, want, atol=1e-12) and torch.allclose(g_got, g_want, atol=1e-10)
 
 
-def test_deterministic_option_gives_the_same_registration(cohort, single_thread):
+def test_deterministic_option_gives_the_same_registration(cohort, single_thread, monkeypatch):
+    import regcore.moving_stack as moving_stack
+
+    calls = []
+    original = moving_stack.interpolate_linear
+    monkeypatch.setattr(moving_stack, "interpolate_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
     fixed, _, movings, _ = cohort
     plain = register_batch(fixed, movings[:2], "affine")
+    assert not calls  # grid_sample by default
     steady = register_batch(fixed, movings[:2], "affine", deterministic=True)
+    assert calls  # the differentiated warps went through the deterministic interpolation
     assert not torch.are_deterministic_algorithms_enabled()  # the setting is restored
     for a, b in zip(plain, steady):
         assert float((a.displacement.data - b.displacement.data).norm(dim=0).mean()) < 1e-3
