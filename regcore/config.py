@@ -100,7 +100,10 @@ class SmoothingConfig(_Strict):
 
     ``*_mm``: standard deviations in mm (``dense``/``svf`` stages). ``*_vox``: in voxels of the
     pyramid level (the ``syn`` transform's greedy optimiser, as ANTs and greedy give them): the
-    same relative smoothing at every level and resolution.
+    same relative smoothing at every level and resolution. A ``syn`` stage given both takes the
+    larger per axis, ``max(*_vox, *_mm / level spacing)`` voxels: relative on coarse levels, never
+    finer than ``*_mm`` on fine ones (a 1 mm level smoothed as physically as the 2 mm level
+    before it, so the finest level refines boundaries without fitting noise).
     """
 
     update_sigma_mm: float = Field(0.0, ge=0)

@@ -11,12 +11,13 @@ Each iteration, on the level grid (the midpoint space):
    world gradients: ``f = (dL/dI grad I - dL/dJ grad J) / 2``, the descent direction of the moving
    half (the fixed half gets ``-f``: the two move towards each other and the midpoint stays
    between them);
-3. smooth ``f`` (Gaussian, ``update_sigma_vox``: the fluid-like regularisation) and scale it so its
-   largest vector is ``lr`` voxels (the step: a normalised gradient step, as ANTs' gradient step
-   and greedy's epsilon);
+3. smooth ``f`` (Gaussian, ``update_sigma_vox`` voxels of the level but at least
+   ``update_sigma_mm``: the fluid-like regularisation) and scale it so its largest vector is
+   ``lr`` voxels (the step: a normalised gradient step, as ANTs' gradient step and greedy's
+   epsilon);
 4. compose each half with its step, ``phi <- phi o (id +- f)`` (to first order, see
    :func:`regcore.fields.compose_first_order`), then smooth both half fields
-   (``field_sigma_vox``: the diffusion-like regularisation).
+   (``field_sigma_vox``, at least ``field_sigma_mm``: the diffusion-like regularisation).
 
 Small steps of a smoothed field compose into a diffeomorphism in practice; :mod:`regcore.registration`
 reports the Jacobian determinant of the result.
@@ -43,20 +44,26 @@ from .moving_stack import MovingStack
 from .stopping import Plateau
 from .transforms.syn import SymmetricDiffeomorphism
 
-__all__ = ["optimize_symmetric_level"]
+__all__ = ["optimize_symmetric_level", "level_sigmas"]
 
 log = logging.getLogger(__name__)
 
 
-def _smoother(sigma_vox: float, ndim: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Gaussian smoothing of fields ``(..., D, *shape)`` (sigma in voxels of the level)."""
-    if sigma_vox <= 0:
+def level_sigmas(sigma_vox: float, sigma_mm: float, spacing: Sequence[float]) -> list[float]:
+    """The Gaussian sigma per tensor dim ``(z, y, x)``, in voxels of a level of voxel size
+    ``spacing`` (mm, ``(x, y, z)``): ``sigma_vox``, but never less than ``sigma_mm`` in mm."""
+    return [max(sigma_vox, sigma_mm / s) for s in reversed(spacing)]
+
+
+def _smoother(sigmas: Sequence[float], ndim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gaussian smoothing of fields ``(..., D, *shape)`` (sigmas in voxels, tensor dim order)."""
+    if all(s <= 0 for s in sigmas):
         return lambda field: field
 
     def smooth(field: torch.Tensor) -> torch.Tensor:
         shape = field.shape
         flat = field.reshape(-1, *shape[-ndim:])
-        return gaussian_smooth(flat, [sigma_vox] * ndim).reshape(shape)
+        return gaussian_smooth(flat, list(sigmas)).reshape(shape)
 
     return smooth
 
@@ -151,12 +158,17 @@ def optimize_symmetric_level(
         transform.set_level(grid)
     for record in records:
         record.size, record.voxels, record.stop_reason = grid.size, grid.numel, "max_iterations"
-    to_fixed = torch.stack([t.midpoint_fields()[0] for t in transforms]).clone()
-    to_moving = torch.stack([t.midpoint_fields()[1] for t in transforms]).clone()
+    to_fixed = torch.stack([t.midpoint_fields()[0] for t in transforms])  # stack copies
+    to_moving = torch.stack([t.midpoint_fields()[1] for t in transforms])
+    for transform in transforms:  # the level holds the only copy until it hands the fitted ones back
+        transform.release_halves()
     sampler = _MidpointSampler(fixed, movings, fixed_mask, moving_masks, matrices, objective.overlap_only)
     settings = stage.smoothing
-    smooth_update = _smoother(settings.update_sigma_vox if settings else 0.0, d)
-    smooth_field = _smoother(settings.field_sigma_vox if settings else 0.0, d)
+    if settings is None:
+        smooth_update = smooth_field = _smoother([0.0] * d, d)
+    else:
+        smooth_update = _smoother(level_sigmas(settings.update_sigma_vox, settings.update_sigma_mm, grid.spacing), d)
+        smooth_field = _smoother(level_sigmas(settings.field_sigma_vox, settings.field_sigma_mm, grid.spacing), d)
     step_mm = stage.optimizer.lr * min(grid.spacing)
     failures: dict[int, Exception] = {}
     evaluations = [0] * n
@@ -182,8 +194,8 @@ def optimize_symmetric_level(
         with torch.enable_grad():
             losses, parts = objective.similarity_per_pair(image_f, image_m, mask, grid.spacing)
             grad_f, grad_m = torch.autograd.grad(losses.sum(), [image_f, image_m])
-        force = world_gradient(image_f.detach()[:, 0], grid) * grad_f
-        force.sub_(world_gradient(image_m.detach()[:, 0], grid) * grad_m).mul_(0.5)
+        force = world_gradient(image_f.detach()[:, 0], grid).mul_(grad_f)
+        force.sub_(world_gradient(image_m.detach()[:, 0], grid).mul_(grad_m)).mul_(0.5)
         return losses, parts, force
 
     plateaus = [Plateau(stage.stopping) for _ in range(n)]

@@ -111,8 +111,8 @@ _SYN_STAGE = {
     "init": "previous",
     "objective": [{"measure": "lcc", "params": {"radius": 2, "exact": False, "eps": 1e-6}}],
     "optimizer": {"name": "greedy", "lr": 0.75},
-    "pyramid": {"spacing_mm": [8, 4, 2], "iterations": [100, 60, 20]},
-    "smoothing": {"update_sigma_vox": 1.25, "field_sigma_vox": 0.5},
+    "pyramid": {"spacing_mm": [8, 4, 2, 1], "iterations": [100, 60, 20, 5]},
+    "smoothing": {"update_sigma_vox": 1.25, "field_sigma_vox": 0.5, "update_sigma_mm": 2.5, "field_sigma_mm": 1.0},
     "stopping": {"rel_tol": 1e-5, "patience": 20},
     "normalize": "percentile",
 }

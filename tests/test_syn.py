@@ -158,6 +158,57 @@ def test_set_halves_checks_shapes():
         SymmetricDiffeomorphism(grid, inverse_iterations=0)
 
 
+def test_set_halves_takes_over_the_fields_after_release():
+    """A level releases the transform's halves while it fits its own copies, then hands them
+    back: the transform holds the new tensors (in its own dtype) and maps with them."""
+    grid = Grid((6, 5, 4), (1.5, 1.5, 2.0), (0.0, 0.0, 0.0), PERMUTED)
+    t = SymmetricDiffeomorphism(grid, dtype=F64)
+    t.release_halves()
+    assert list(t.parameters()) == []
+    u = smooth_field(grid, 1.0, seed=4, dtype=torch.float32)
+    t.set_halves(torch.zeros_like(u), u)
+    assert t.to_moving.dtype == F64 and [p.shape for p in t.parameters()] == [u.shape, u.shape]
+    torch.testing.assert_close(t.displacement(grid).float(), u, atol=1e-6, rtol=0)  # phi_f = id: T = id + u
+
+
+@pytest.mark.parametrize("spacing, expected_update, expected_field", [
+    ((8.0, 8.0, 8.0), [1.25] * 3, [0.5] * 3),        # coarse level: relative (voxel) sigmas
+    ((2.0, 2.0, 2.0), [1.25] * 3, [0.5] * 3),        # 2 mm: both rules agree
+    ((1.0, 1.0, 1.0), [2.5] * 3, [1.0] * 3),         # 1 mm: the mm floor (2.5 mm, 1 mm)
+    ((1.0, 1.0, 2.5), [1.25, 2.5, 2.5], [0.5, 1.0, 1.0]),  # anisotropic: per axis, (z, y, x) order
+])
+def test_level_sigmas_are_voxels_with_a_floor_in_mm(spacing, expected_update, expected_field):
+    from regcore.greedy import level_sigmas
+
+    assert level_sigmas(1.25, 2.5, spacing) == pytest.approx(expected_update)
+    assert level_sigmas(0.5, 1.0, spacing) == pytest.approx(expected_field)
+
+
+def test_greedy_levels_smooth_with_the_mm_floor(monkeypatch):
+    """The preset's floors reach the greedy optimiser: on a 1 mm image the 1 mm level smooths
+    updates by 2.5 voxels and fields by 1 voxel, the coarse level (>= 2.75 mm here: the image is
+    small) by 1.25 and 0.5 voxels."""
+    import regcore.greedy as greedy
+
+    seen: list[tuple[float, ...]] = []
+    real = greedy.gaussian_smooth
+
+    def spy(data, sigma):
+        seen.append(tuple(round(float(x), 6) for x in sigma))
+        return real(data, sigma)
+
+    monkeypatch.setattr(greedy, "gaussian_smooth", spy)
+    shape = (24, 26, 22)
+    grid = Grid(tuple(reversed(shape)), (1.0, 1.0, 1.0))
+    fixed = Image(torch.from_numpy(blobs(shape, n=20, seed=5, sigma=0.1)).float(), grid)
+    moving = Image(torch.roll(fixed.data, 1, dims=-1), grid)
+    cfg = method_config("syn").model_dump(mode="json")
+    assert cfg["stages"][0]["smoothing"]["update_sigma_mm"] == 2.5 and cfg["stages"][0]["smoothing"]["field_sigma_mm"] == 1.0
+    cfg["stages"][0]["pyramid"] = {"spacing_mm": [4, 1], "iterations": [3, 3]}
+    register(fixed, moving, cfg)
+    assert set(seen) == {(1.25,) * 3, (0.5,) * 3, (2.5,) * 3, (1.0,) * 3}, sorted(set(seen))
+
+
 # --------------------------------------------------------------------------- configuration
 def test_syn_needs_the_greedy_optimizer_and_no_regularizers():
     base = {"name": "x", "stages": [{"transform": "syn", "optimizer": {"name": "greedy", "lr": 0.5}}]}

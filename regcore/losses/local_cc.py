@@ -81,12 +81,18 @@ def _check(fixed: Tensor, moving: Tensor, radius: int) -> int:
 
 
 def _moments(fixed: Tensor, moving: Tensor, radius: int, ndim: int):
+    """Window count and the local means, covariance ``a`` and variances ``b``, ``c``. One
+    moment at a time and in place: about eight image-sized buffers at the peak, not fifteen
+    (a 1 mm brain's level holds dozens of them)."""
     n = window_count(tuple(fixed.shape[2:]), radius, fixed.dtype, fixed.device)
-    s = window_sum(torch.stack([fixed, moving, fixed * fixed, moving * moving, fixed * moving]), radius, ndim) / n
-    mu_i, mu_j = s[0], s[1]
-    b = (s[2] - mu_i * mu_i).clamp_min(0)
-    c = (s[3] - mu_j * mu_j).clamp_min(0)
-    a = s[4] - mu_i * mu_j
+
+    def mean(x: Tensor) -> Tensor:
+        return window_sum(x, radius, ndim).div_(n)
+
+    mu_i, mu_j = mean(fixed), mean(moving)
+    b = mean(fixed * fixed).sub_(mu_i * mu_i).clamp_min_(0)
+    c = mean(moving * moving).sub_(mu_j * mu_j).clamp_min_(0)
+    a = mean(fixed * moving).sub_(mu_i * mu_j)
     return n, mu_i, mu_j, a, b, c
 
 
@@ -109,7 +115,8 @@ def _per_sample_sum(x: Tensor) -> Tensor:
 def _ratio(a: Tensor, b: Tensor, c: Tensor, eps: float) -> Tensor:
     """``a / (b c)`` where ``b c > eps``, else 0 (flat windows carry no correlation)."""
     bc = b * c
-    return torch.where(bc > eps, a / bc.clamp_min(eps), torch.zeros_like(a))
+    flat = bc <= eps
+    return torch.div(a, bc.clamp_min_(eps), out=bc).masked_fill_(flat, 0.0)
 
 
 def local_cc_gradients(
@@ -153,8 +160,8 @@ def local_cc_gradients(
         beta_j = alpha * t * b
         beta_i = alpha * t * c if wrt_fixed else None
         if not exact:
-            g_j = alpha * (fixed - mu_i) - beta_j * (moving - mu_j)
-            g_i = alpha * (moving - mu_j) - beta_i * (fixed - mu_i) if wrt_fixed else None
+            g_i = (moving - mu_j).mul_(alpha).sub_((fixed - mu_i).mul_(beta_i)) if wrt_fixed else None
+            g_j = (fixed - mu_i).mul_(alpha).sub_((moving - mu_j).mul_(beta_j))
             return value, g_j, g_i
         alpha, beta_j = alpha / n, beta_j / n
         chans = [alpha, alpha * mu_i, beta_j, beta_j * mu_j]

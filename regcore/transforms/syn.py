@@ -55,6 +55,7 @@ class SymmetricDiffeomorphism(DeformableTransform):
         self.inverse_iterations = int(inverse_iterations)
         self.inverse_tol_vox = float(inverse_tol_vox)
         self.field_grid = grid
+        self.param_dtype = dtype
         self.to_fixed = nn.Parameter(torch.zeros((grid.ndim, *grid.shape), dtype=dtype))
         self.to_moving = nn.Parameter(torch.zeros((grid.ndim, *grid.shape), dtype=dtype))
 
@@ -70,12 +71,20 @@ class SymmetricDiffeomorphism(DeformableTransform):
 
     @torch.no_grad()
     def set_halves(self, to_fixed: torch.Tensor, to_moving: torch.Tensor) -> None:
-        """Replace both half fields (``(D, *field_grid.shape)`` mm each)."""
+        """Replace both half fields (``(D, *field_grid.shape)`` mm each). The tensors are taken
+        over, not copied (the greedy optimiser hands over the fields it fitted)."""
         shape = (self.dim, *self.field_grid.shape)
         if tuple(to_fixed.shape) != shape or tuple(to_moving.shape) != shape:
             raise InputError(f"syn half fields must be {shape}, got {tuple(to_fixed.shape)} and {tuple(to_moving.shape)}")
-        self.to_fixed.copy_(to_fixed)
-        self.to_moving.copy_(to_moving)
+        self.to_fixed = nn.Parameter(to_fixed.detach().to(self.param_dtype))
+        self.to_moving = nn.Parameter(to_moving.detach().to(self.param_dtype))
+
+    def release_halves(self) -> None:
+        """Drop both half fields (to be replaced by :meth:`set_halves`): a pyramid level that fits
+        its own copies need not hold the transform's too (two dense fields at 1 mm: 170 MB)."""
+        if self.to_fixed is not None:
+            self.param_dtype = self.to_fixed.dtype
+        self.to_fixed = self.to_moving = None
 
     # -- maps ------------------------------------------------------------------------------
     def _through(self, first_inverse_of: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
