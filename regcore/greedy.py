@@ -35,7 +35,7 @@ import torch
 
 from .config import StageConfig
 from .errors import RegistrationError
-from .fields import FieldSampler, compose_first_order, world_gradient
+from .fields import compose_first_order, world_gradient
 from .image import Image
 from .objective import Objective
 from .optimize import Callback, LevelRecord
@@ -87,26 +87,43 @@ class _MidpointSampler:
         self.moving = MovingStack(movings)
         self.moving_mask = (MovingStack(moving_masks, [m.grid for m in movings])
                             if any(m is not None for m in moving_masks) else None)
-        fixed_sampler = FieldSampler(grid, grid, device=dev, dtype=dtype)
-        self.base_f = fixed_sampler.base  # (*shape, D)
-        self.lin_f = torch.as_tensor(fixed_sampler.linear, dtype=dtype, device=dev)
-        samplers = [FieldSampler(m.grid, grid, a.detach(), device=dev, dtype=dtype) for m, a in zip(movings, matrices)]
-        self.base_m = torch.stack([s.base for s in samplers])  # (B, *shape, D)
-        self.lin_m = torch.as_tensor([s.linear for s in samplers], dtype=dtype, device=dev)  # (B, D, D)
+        # the normalised coordinates of the voxel centres (fixed) and of A x (each moving image):
+        # affine in the index, kept as per-axis ramps rather than dense (*shape, D) arrays
+        index_to_world = torch.as_tensor(grid.index_to_world(), dtype=torch.float64, device=dev)
+        w2n_f = torch.as_tensor(grid.world_to_normalized(), dtype=torch.float64, device=dev)
+        self.ramps_f = self._plane_and_line(grid.index_ramps(w2n_f @ index_to_world, dev, dtype))
+        self.lin_f = w2n_f[:-1, :-1].to(dtype)
+        w2n_m = [torch.as_tensor(m.grid.world_to_normalized(), dtype=torch.float64, device=dev) @ a.detach().to(torch.float64)
+                 for m, a in zip(movings, matrices)]
+        ramps_m = [self._plane_and_line(grid.index_ramps(w @ index_to_world, dev, dtype)) for w in w2n_m]
+        self.ramps_m = [torch.stack([r[t] for r in ramps_m]) for t in range(len(ramps_m[0]))]  # (B, ..., D) each
+        self.lin_m = torch.stack([w[:-1, :-1] for w in w2n_m]).to(dtype)  # (B, D, D)
 
-    def _coords(self, base: torch.Tensor, lin: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``base + lin u`` per voxel: ``u`` ``(B', D, *shape)`` -> ``(B', *shape, D)``."""
+    @staticmethod
+    def _plane_and_line(ramps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All but the last axis's ramps summed into one small array: two broadcast adds per
+        coordinate array instead of one per axis."""
+        plane = ramps[0]
+        for ramp in ramps[1:-1]:
+            plane = plane + ramp
+        return [plane, ramps[-1]]
+
+    def _coords(self, ramps: Sequence[torch.Tensor], lin: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``base + lin u`` per voxel (``base`` the broadcast sum of ``ramps``): ``u``
+        ``(B', D, *shape)`` -> ``(B', *shape, D)``."""
         n, d = u.shape[0], self.ndim
         step = torch.movedim(u, 1, -1).reshape(n, -1, d)
-        step = step @ lin.transpose(-1, -2)  # lin (D, D) or (B', D, D)
-        return base + step.reshape(n, *u.shape[2:], d)
+        step = (step @ lin.transpose(-1, -2)).reshape(n, *u.shape[2:], d)  # lin (D, D) or (B', D, D)
+        for ramp in ramps:
+            step.add_(ramp)
+        return step
 
     def sample(self, index: list[int], to_fixed: torch.Tensor, to_moving: torch.Tensor):
         """``(fixed half (B', 1, *s), moving half (B', 1, *s), mask (B', 1, *s))`` of pairs ``index``."""
         every = len(index) == len(self.moving)
-        coords_f = self._coords(self.base_f, self.lin_f, to_fixed)
-        coords_m = self._coords(self.base_m if every else self.base_m[index], self.lin_m if every else self.lin_m[index],
-                                to_moving)
+        coords_f = self._coords(self.ramps_f, self.lin_f, to_fixed)
+        coords_m = self._coords(self.ramps_m if every else [r[index] for r in self.ramps_m],
+                                self.lin_m if every else self.lin_m[index], to_moving)
         image_f = self.fixed.sample(coords_f, None, padding="border")
         image_m = self.moving.sample(coords_m, index, padding="border")
         if self.overlap_only:

@@ -161,6 +161,28 @@ class Grid:
         index = torch.stack(tuple(reversed(mesh)), dim=-1)  # (..., D) in (x, y, z)
         return apply_matrix(self.index_to_world(), index).to(dtype)
 
+    def index_ramps(
+        self, matrix: np.ndarray | torch.Tensor, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[torch.Tensor]:
+        """An affine map of the voxel centres as one small ramp per tensor dim: ``matrix``
+        (homogeneous, ``(D+1, D+1)``, applied to the continuous index ``(x, y, z)``) at every
+        voxel is the broadcast sum of the returned tensors, shaped ``(n_z, 1, 1, D)``,
+        ``(1, n_y, 1, D)``, ``(1, 1, n_x, D)`` (2D alike). ``D * sum(shape)`` numbers instead of a
+        dense ``(*shape, D)`` array (87 MB for a 1 mm brain); each ramp is exact in float64 before
+        the cast, the sum rounds once per ramp."""
+        d = self.ndim
+        m = torch.as_tensor(matrix, dtype=torch.float64, device=device)
+        ramps = []
+        for t, n in enumerate(self.shape):  # tensor dim t is index axis d - 1 - t
+            ramp = torch.arange(n, dtype=torch.float64, device=device)[:, None] * m[:d, d - 1 - t]
+            if t == 0:
+                ramp = ramp + m[:d, d]
+            view = [1] * d + [d]
+            view[t] = n
+            ramps.append(ramp.reshape(view).to(dtype))
+        return ramps
+
     def index_points_to_world(self, index: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Continuous indices ``(..., D)`` (x, y, z order) to world mm ``(..., D)``."""
         return apply_matrix(self.index_to_world(), index)
