@@ -87,3 +87,20 @@ def test_downsample_keeps_the_physical_box():
 def test_invalid_grids_raise(kwargs, match):
     with pytest.raises(InputError, match=match):
         Grid(**kwargs)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_index_ramps_sum_to_the_affine_map_of_the_voxel_centres(dim):
+    """The broadcast sum of the per-axis ramps is the matrix applied to every voxel's index
+    (here world -> another grid's normalised coordinates, behind a rotation)."""
+    size = (7, 9, 5)[:dim]
+    grid = Grid(size, (1.5, 0.8, 2.0)[:dim], (10.0, -4.0, 3.0)[:dim], rotation_direction(dim, 20.0))
+    other = Grid((11, 6, 8)[:dim], (1.0, 1.2, 0.7)[:dim], (2.0, 1.0, -5.0)[:dim])
+    matrix = other.world_to_normalized() @ grid.index_to_world()
+    ramps = grid.index_ramps(matrix, dtype=torch.float64)
+    assert [tuple(r.shape) for r in ramps] == [tuple(n if k == t else 1 for k in range(dim)) + (dim,)
+                                               for t, n in enumerate(grid.shape)]
+    total = sum(ramps)
+    points = grid.world_points(dtype=torch.float64)
+    expected = points @ torch.as_tensor(other.world_to_normalized()[:dim, :dim]).T + torch.as_tensor(other.world_to_normalized()[:dim, dim])
+    torch.testing.assert_close(total, expected, atol=1e-12, rtol=0)
