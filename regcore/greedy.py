@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import StageConfig
+from .config import SmoothingConfig, StageConfig
 from .errors import RegistrationError
 from .fields import compose_first_order, world_gradient
 from .image import Image
@@ -180,12 +180,9 @@ def optimize_symmetric_level(
     for transform in transforms:  # the level holds the only copy until it hands the fitted ones back
         transform.release_halves()
     sampler = _MidpointSampler(fixed, movings, fixed_mask, moving_masks, matrices, objective.overlap_only)
-    settings = stage.smoothing
-    if settings is None:
-        smooth_update = smooth_field = _smoother([0.0] * d, d)
-    else:
-        smooth_update = _smoother(level_sigmas(settings.update_sigma_vox, settings.update_sigma_mm, grid.spacing), d)
-        smooth_field = _smoother(level_sigmas(settings.field_sigma_vox, settings.field_sigma_mm, grid.spacing), d)
+    settings = stage.smoothing or SmoothingConfig()
+    smooth_update = _smoother(level_sigmas(settings.update_sigma_vox, settings.update_sigma_mm, grid.spacing), d)
+    smooth_field = _smoother(level_sigmas(settings.field_sigma_vox, settings.field_sigma_mm, grid.spacing), d)
     step_mm = stage.optimizer.lr * min(grid.spacing)
     failures: dict[int, Exception] = {}
     evaluations = [0] * n

@@ -81,9 +81,9 @@ def _check(fixed: Tensor, moving: Tensor, radius: int) -> int:
 
 
 def _moments(fixed: Tensor, moving: Tensor, radius: int, ndim: int):
-    """Window count and the local means, covariance ``a`` and variances ``b``, ``c``. One
-    moment at a time and in place: about eight image-sized buffers at the peak, not fifteen
-    (a 1 mm brain's level holds dozens of them)."""
+    """Window count and the local means, covariance ``a`` and variances ``b``, ``c``, one
+    moment at a time and in place (stacking all five products held about twice the image-sized
+    buffers at the peak: the largest allocation of a 1 mm greedy level)."""
     n = window_count(tuple(fixed.shape[2:]), radius, fixed.dtype, fixed.device)
 
     def mean(x: Tensor) -> Tensor:

@@ -81,7 +81,9 @@ class SymmetricDiffeomorphism(DeformableTransform):
 
     def release_halves(self) -> None:
         """Drop both half fields (to be replaced by :meth:`set_halves`): a pyramid level that fits
-        its own copies need not hold the transform's too (two dense fields at 1 mm: 170 MB)."""
+        its own copies need not hold the transform's too (two dense fields at 1 mm: 170 MB).
+        Until then the transform maps nothing; a level that fails the pair leaves it so, and
+        the pair is reported failed, not returned."""
         if self.to_fixed is not None:
             self.param_dtype = self.to_fixed.dtype
         self.to_fixed = self.to_moving = None
