@@ -32,16 +32,9 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-#: The tools, with a one-line description of the settings each runs with.
-TOOLS = {
-    "cohortreg": "cohortreg register() with --method (default affine+syn)",
-    "ants-syns": 'ANTsPy ants.registration(type_of_transform="antsRegistrationSyN[s]"): rigid+affine (MI) then SyN[0.2,3,0] with CC radius 2, 8x4x2x1, 100x70x50x20',
-    "ants-syn": 'ANTsPy ants.registration(type_of_transform="SyN"): its defaults (affine + SyN with Mattes MI, 40x20x0)',
-    "greedy": "greedy brain quick-start: -a -dof 12 -m WNCC 2x2x2 -ia-image-centers -n 100x50x10, then -m WNCC 2x2x2 -it aff -sv -n 100x50x10",
-    "elastix": "itk-elastix default parameter maps: affine then bspline (AdvancedMattesMutualInformation)",
-}
+from typing import Callable
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -77,19 +70,19 @@ def run_cohortreg(fixed: str, moving: str, out: Path, threads: int, method: str,
     return {"seconds": seconds, "settings": {"method": method, "config_hash": result.config_hash}}
 
 
-def _run_ants(fixed: str, moving: str, out: Path, threads: int, kind: str) -> dict:
+def _run_ants(fixed: str, moving: str, out: Path, threads: int, kind: str, **options) -> dict:
     import ants
 
     f, m = ants.image_read(fixed), ants.image_read(moving)
     t0 = time.perf_counter()
-    reg = ants.registration(f, m, type_of_transform=kind, outprefix=str(out / "ants_"))
+    reg = ants.registration(f, m, type_of_transform=kind, outprefix=str(out / "ants_"), **options)
     seconds = time.perf_counter() - t0
     composed = ants.apply_transforms(fixed=f, moving=m, transformlist=reg["fwdtransforms"], compose=str(out / "composed_"))
     import SimpleITK as sitk
 
     field = sitk.ReadImage(composed, sitk.sitkVectorFloat64)
     sitk.WriteImage(field, str(out / "displacement.nii.gz"), useCompression=True)
-    return {"seconds": seconds, "settings": {"type_of_transform": kind}}
+    return {"seconds": seconds, "settings": {"type_of_transform": kind, **options}}
 
 
 def run_ants_syns(fixed: str, moving: str, out: Path, threads: int, method: str, config: str | None) -> dict:
@@ -98,6 +91,10 @@ def run_ants_syns(fixed: str, moving: str, out: Path, threads: int, method: str,
 
 def run_ants_syn(fixed: str, moving: str, out: Path, threads: int, method: str, config: str | None) -> dict:
     return _run_ants(fixed, moving, out, threads, "SyN")
+
+
+def run_ants_syn_cc(fixed: str, moving: str, out: Path, threads: int, method: str, config: str | None) -> dict:
+    return _run_ants(fixed, moving, out, threads, "SyN", syn_metric="CC", syn_sampling=2)
 
 
 def run_greedy(fixed: str, moving: str, out: Path, threads: int, method: str, config: str | None) -> dict:
@@ -139,21 +136,34 @@ def run_elastix(fixed: str, moving: str, out: Path, threads: int, method: str, c
     return {"seconds": seconds, "settings": {"parameter_maps": ["affine", "bspline"]}}
 
 
-ADAPTERS = {
-    "cohortreg": run_cohortreg,
-    "ants-syns": run_ants_syns,
-    "ants-syn": run_ants_syn,
-    "greedy": run_greedy,
-    "elastix": run_elastix,
-}
+@dataclass(frozen=True)
+class Tool:
+    """One registration tool: the settings it runs with, the module it needs, its adapter."""
 
-#: The module each peer needs, to tell whether an interpreter has it (``python -c 'import X'``).
-REQUIRES = {"cohortreg": "regcore", "ants-syns": "ants", "ants-syn": "ants", "greedy": "picsl_greedy", "elastix": "itk"}
+    description: str
+    requires: str  # module an interpreter must import to run it
+    run: Callable[[str, str, Path, int, str, str | None], dict]  # (fixed, moving, outdir, threads, method, config) -> record
+
+
+#: Every tool the harness knows: one entry per tool (a new peer is an adapter plus one line here).
+TOOLS = {
+    "cohortreg": Tool("cohortreg register() with --method (default affine+syn)", "regcore", run_cohortreg),
+    "ants-syns": Tool('ANTsPy ants.registration(type_of_transform="antsRegistrationSyN[s]"): rigid+affine (MI) then '
+                      "SyN[0.2,3,0] with CC radius 2, 8x4x2x1, 100x70x50x20", "ants", run_ants_syns),
+    "ants-syn": Tool('ANTsPy ants.registration(type_of_transform="SyN"): its defaults (affine + SyN with Mattes MI, 40x20x0)',
+                     "ants", run_ants_syn),
+    "ants-syn-cc": Tool('ANTsPy "SyN" with syn_metric="CC", syn_sampling=2 (CC radius 2), all else its defaults: '
+                        "a diagnostic of what the similarity measure alone changes", "ants", run_ants_syn_cc),
+    "greedy": Tool("greedy brain quick-start: -a -dof 12 -m WNCC 2x2x2 -ia-image-centers -n 100x50x10, "
+                   "then -m WNCC 2x2x2 -it aff -sv -n 100x50x10", "picsl_greedy", run_greedy),
+    "elastix": Tool("itk-elastix default parameter maps: affine then bspline (AdvancedMattesMutualInformation)",
+                    "itk", run_elastix),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tool", choices=sorted(ADAPTERS))
+    ap.add_argument("tool", choices=sorted(TOOLS))
     ap.add_argument("fixed")
     ap.add_argument("moving")
     ap.add_argument("outdir")
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update(thread_environment(args.threads))
     tempfile.tempdir = str(out)  # ANTs writes its transforms to the temp dir: keep them with the run
-    record = ADAPTERS[args.tool](args.fixed, args.moving, out, args.threads, args.method, args.config)
+    record = TOOLS[args.tool].run(args.fixed, args.moving, out, args.threads, args.method, args.config)
     record.update(tool=args.tool, threads=args.threads, peak_rss_mb=peak_rss_mb())
     (out / "run.json").write_text(json.dumps(record, indent=1))
     return 0

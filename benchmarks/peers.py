@@ -2,7 +2,7 @@
 
     python benchmarks/peers.py --cases brain-t1 [--tools cohortreg,ants-syns,ants-syn,greedy,elastix]
         [--peer-python /path/to/peers-venv/bin/python] [--threads 2] [--repeats 1]
-        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--out benchmarks/results/peers.json]
+        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--out benchmarks/results/peers.json]
     python benchmarks/peers.py --manifest cohort.csv [--pair-list pairs.csv] ...
 
 Cases (``../shared/data``; ``COHORTREG_SHARED_DATA`` overrides the folder):
@@ -52,7 +52,7 @@ from regcore.evaluation import dice_per_label
 from regcore.regularizers import jacobian_determinant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_tools import REQUIRES, TOOLS, thread_environment  # noqa: E402
+from peer_tools import TOOLS, thread_environment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("COHORTREG_SHARED_DATA", HERE.parents[1] / "shared" / "data"))
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="affine+syn")
     ap.add_argument("--config", default=None)
     ap.add_argument("--pairs", type=int, default=None, help="first N pairs of each case")
+    ap.add_argument("--select", default=None, help="comma list of texts: keep the pairs whose name contains one (e.g. 04->03,06->05)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     args = ap.parse_args(argv)
@@ -288,21 +289,26 @@ def main(argv: list[str] | None = None) -> int:
             if not SHARED.is_dir():
                 ap.error(f"{SHARED} not found: the shared cases need ../shared/data (or use --manifest)")
             pairs += makers[case]()[: args.pairs]
+    if args.select:
+        wanted = [text.strip() for text in args.select.split(",") if text.strip()]
+        pairs = [p for p in pairs if any(text in p.name for text in wanted)]
+        if not pairs:
+            ap.error(f"--select {args.select!r} matches no pair")
     tools = []
     for tool in args.tools.split(","):
         if tool not in TOOLS:
             ap.error(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
         python = sys.executable if tool == "cohortreg" else args.peer_python
-        if interpreter_has(python, REQUIRES[tool]):
+        if interpreter_has(python, TOOLS[tool].requires):
             tools.append(tool)
         else:
-            print(f"skipping {tool}: {python} cannot import {REQUIRES[tool]} (pip install -e '.[peers]')", file=sys.stderr)
+            print(f"skipping {tool}: {python} cannot import {TOOLS[tool].requires} (pip install -e '.[peers]')", file=sys.stderr)
     print("| pair | tool | mean Dice | TRE mm | % Jac <= 0 | s | peak RSS GB |\n| --- | --- | --- | --- | --- | --- | --- |")
     result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config)
     print()
     print(format_summary(result["summary"]))
     result.update(cases=args.cases if args.manifest is None else str(args.manifest), threads=args.threads,
-                  repeats=args.repeats, method=args.method, config=args.config, tools={t: TOOLS[t] for t in tools},
+                  repeats=args.repeats, method=args.method, config=args.config, tools={t: TOOLS[t].description for t in tools},
                   torch=torch.__version__, host=os.uname().nodename, date=time.strftime("%Y-%m-%d %H:%M"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

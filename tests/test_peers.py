@@ -74,6 +74,13 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path):
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 0
     assert result["summary"]["cohortreg"]["pairs"] == 2
 
+    rc = peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--select", "a->b",
+                     "--threads", "1", "--work", str(tmp_path / "work-select"), "--out", str(out)])
+    assert rc == 0
+    assert [r["pair"] for r in json.loads(out.read_text())["rows"]] == ["a->b"]  # --select keeps the named pair
+    with pytest.raises(SystemExit):
+        peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--select", "c->d", "--out", str(out)])
+
 
 def test_scoring_uses_one_resampler_and_the_itk_convention(tmp_path):
     """A field written by hand (the exact answer) scores Dice 1 and no folding."""
@@ -88,9 +95,9 @@ def test_scoring_uses_one_resampler_and_the_itk_convention(tmp_path):
     assert scores["dice"] > 0.98 and scores["nonpositive_jacobian_percent"] == 0.0
 
 
-@pytest.mark.parametrize("tool", ["ants-syns", "ants-syn", "greedy", "elastix"])
+@pytest.mark.parametrize("tool", sorted(set(peer_tools.TOOLS) - {"cohortreg"}))
 def test_peer_adapter_convention(tool, tmp_path):
-    if not peers.interpreter_has(PEER_PYTHON, peer_tools.REQUIRES[tool]):
+    if not peers.interpreter_has(PEER_PYTHON, peer_tools.TOOLS[tool].requires):
         pytest.skip(f"{tool} not installed for {PEER_PYTHON} (set COHORTREG_PEER_PYTHON, pip install -e '.[peers]')")
     fixed, moving, fixed_labels, moving_labels = _shifted_pair(tmp_path)
     pair = peers.Pair("p", fixed, moving, fixed_labels, moving_labels)
