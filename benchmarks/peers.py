@@ -48,7 +48,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from regcore.evaluation import dice_per_label
+from regcore import Grid
+from regcore.evaluation import dice_per_label, label_centroid_distances
 from regcore.regularizers import jacobian_determinant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -147,7 +148,8 @@ def resample(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels: b
 
 
 def score(pair: Pair, field_path: Path) -> dict:
-    """Dice (labels in both maps), % non-positive Jacobian, TRE: the same for every tool."""
+    """Dice and centroid distance (mm; labels in both maps), % non-positive Jacobian, TRE: the same
+    for every tool."""
     field_img = sitk.ReadImage(str(field_path), sitk.sitkVectorFloat64)
     out: dict = {}
     if pair.fixed_labels is not None and pair.moving_labels is not None:
@@ -160,6 +162,9 @@ def score(pair: Pair, field_path: Path) -> dict:
         per = dice_per_label(torch.from_numpy(fa), torch.from_numpy(warped), labels)
         out["dice"] = float(np.nanmean(list(per.values())))
         out["labels"] = len(labels)
+        grid = Grid(fl.GetSize(), fl.GetSpacing(), fl.GetOrigin(), fl.GetDirection())
+        centroid = label_centroid_distances(torch.from_numpy(fa), torch.from_numpy(warped), labels, grid=grid)
+        out["centroid_mm"] = float(np.nanmean(list(centroid.values())))
     u = torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_img), -1, 0).astype(np.float32))
     direction = torch.as_tensor(np.asarray(field_img.GetDirection()).reshape(3, 3), dtype=torch.float32)
     det = jacobian_determinant(u[None], spacing=field_img.GetSpacing(), direction=direction)
@@ -227,7 +232,7 @@ def summarize(rows: list[dict]) -> dict:
     for tool in dict.fromkeys(r["tool"] for r in rows):
         ok = [r for r in rows if r["tool"] == tool and "error" not in r]
         s = {"pairs": len(ok), "failed": sum(1 for r in rows if r["tool"] == tool and "error" in r)}
-        for key in ("dice", "tre_mm", "seconds", "peak_rss_mb"):
+        for key in ("dice", "centroid_mm", "tre_mm", "seconds", "peak_rss_mb"):
             vals = [r[key] for r in ok if key in r]
             if vals:
                 s[key] = float(np.mean(vals))
@@ -242,14 +247,15 @@ def format_row(row: dict) -> str:
     if "error" in row:
         return f"| {row['pair']} | {row['tool']} | failed: {row['error']} |"
     dice = f"{row['dice']:.4f}" if "dice" in row else "-"
+    centroid = f"{row['centroid_mm']:.2f}" if "centroid_mm" in row else "-"
     tre = f"{row['tre_mm']:.2f}" if "tre_mm" in row else "-"
-    return (f"| {row['pair']} | {row['tool']} | {dice} | {tre} | {row['nonpositive_jacobian_percent']:.4f} | "
+    return (f"| {row['pair']} | {row['tool']} | {dice} | {centroid} | {tre} | {row['nonpositive_jacobian_percent']:.4f} | "
             f"{row['seconds']:.1f} | {row['peak_rss_mb'] / 1024:.2f} |")
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["| tool | pairs | mean Dice | mean TRE mm | worst % Jac <= 0 | mean s | mean peak RSS GB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| tool | pairs | mean Dice | centroid mm | mean TRE mm | worst % Jac <= 0 | mean s | mean peak RSS GB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tool, s in summary.items():
         lines.append(f"| {tool} | {s['pairs']} (+{s['failed']} failed) | {s.get('dice', float('nan')):.4f} | "
                      f"{s.get('tre_mm', float('nan')):.2f} | {s.get('worst_nonpositive_jacobian_percent', float('nan')):.4f} | "
@@ -303,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             tools.append(tool)
         else:
             print(f"skipping {tool}: {python} cannot import {TOOLS[tool].requires} (pip install -e '.[peers]')", file=sys.stderr)
-    print("| pair | tool | mean Dice | TRE mm | % Jac <= 0 | s | peak RSS GB |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("| pair | tool | mean Dice | centroid mm | TRE mm | % Jac <= 0 | s | peak RSS GB |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config)
     print()
     print(format_summary(result["summary"]))

@@ -93,6 +93,7 @@ def test_scoring_uses_one_resampler_and_the_itk_convention(tmp_path):
     pair = peers.Pair("p", fixed, moving, fixed_labels, moving_labels)
     scores = peers.score(pair, tmp_path / "field.nii.gz")
     assert scores["dice"] > 0.98 and scores["nonpositive_jacobian_percent"] == 0.0
+    assert scores["centroid_mm"] < 0.1  # the label centroids land on the fixed ones (1 voxel = 2 mm)
 
 
 @pytest.mark.parametrize("tool", sorted(set(peer_tools.TOOLS) - {"cohortreg"}))
