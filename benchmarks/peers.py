@@ -258,7 +258,7 @@ def format_summary(summary: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tool, s in summary.items():
         lines.append(f"| {tool} | {s['pairs']} (+{s['failed']} failed) | {s.get('dice', float('nan')):.4f} | "
-                     f"{s.get('tre_mm', float('nan')):.2f} | {s.get('worst_nonpositive_jacobian_percent', float('nan')):.4f} | "
+                     f"{s.get('centroid_mm', float('nan')):.2f} | {s.get('tre_mm', float('nan')):.2f} | {s.get('worst_nonpositive_jacobian_percent', float('nan')):.4f} | "
                      f"{s.get('seconds', float('nan')):.1f} | {s.get('peak_rss_mb', float('nan')) / 1024:.2f} |")
     return "\n".join(lines)
 

@@ -73,6 +73,10 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path):
         assert row["nonpositive_jacobian_percent"] == 0.0
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 0
     assert result["summary"]["cohortreg"]["pairs"] == 2
+    header, _, line = peers.format_summary(result["summary"]).splitlines()
+    cells = dict(zip(header.strip("|").split(" | "), line.strip("|").split(" | ")))
+    assert float(cells["mean Dice"].strip()) == pytest.approx(result["summary"]["cohortreg"]["dice"], abs=1e-4)
+    assert float(cells["centroid mm"].strip()) == pytest.approx(result["summary"]["cohortreg"]["centroid_mm"], abs=0.01)
 
     rc = peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--select", "a->b",
                      "--threads", "1", "--work", str(tmp_path / "work-select"), "--out", str(out)])
