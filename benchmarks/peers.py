@@ -2,7 +2,7 @@
 
     python benchmarks/peers.py --cases brain-t1 [--tools cohortreg,ants-syns,ants-syn,greedy,elastix]
         [--peer-python /path/to/peers-venv/bin/python] [--threads 2] [--repeats 1]
-        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--out benchmarks/results/peers.json]
+        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--work DIR [--resume]] [--out benchmarks/results/peers.json]
     python benchmarks/peers.py --manifest cohort.csv [--pair-list pairs.csv] ...
 
 Cases (``../shared/data``; ``COHORTREG_SHARED_DATA`` overrides the folder):
@@ -201,9 +201,22 @@ def run_tool(tool: str, pair: Pair, outdir: Path, python: str, threads: int, met
     return record
 
 
+def finished_run(outdir: Path, tool: str, method: str) -> dict | None:
+    """The record of a run of ``tool`` that completed in ``outdir`` (its ``run.json`` is written
+    after its field), or None; a cohortreg run must also have used ``method``."""
+    record_file = outdir / "run.json"
+    if not (record_file.exists() and (outdir / "displacement.nii.gz").exists()):
+        return None
+    record = json.loads(record_file.read_text())
+    if record.get("tool") != tool or (tool == "cohortreg" and record.get("settings", {}).get("method") != method):
+        return None
+    return record
+
+
 def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str, threads: int,
-              repeats: int, method: str, config: str | None, log=print) -> dict:
-    """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means}}``."""
+              repeats: int, method: str, config: str | None, log=print, resume: bool = False) -> dict:
+    """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means}}``.
+    With ``resume``, runs that already finished in ``work`` are read back, not run again."""
     rows = []
     for pair in pairs:
         for tool in tools:
@@ -211,7 +224,8 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
             runs = []
             for r in range(repeats):
                 outdir = work / re.sub(r"[^A-Za-z0-9_.-]+", "_", pair.name) / tool / f"run{r}"  # plain names: greedy splits its command on them
-                runs.append(run_tool(tool, pair, outdir, python, threads, method, config))
+                done = finished_run(outdir, tool, method) if resume else None
+                runs.append(done if done is not None else run_tool(tool, pair, outdir, python, threads, method, config))
                 if "error" in runs[-1]:
                     break
             row = {"pair": pair.name, "tool": tool}
@@ -277,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=None, help="first N pairs of each case")
     ap.add_argument("--select", default=None, help="comma list of texts: keep the pairs whose name contains one (e.g. 04->03,06->05)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true",
+                    help="read back the runs that finished in --work (same tools, cohortreg method) instead of running them again")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     args = ap.parse_args(argv)
 
@@ -311,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {tool}: {python} cannot import {TOOLS[tool].requires} (pip install -e '.[peers]')", file=sys.stderr)
     print("| pair | tool | mean Dice | centroid mm | TRE mm | % Jac <= 0 | s | peak RSS GB |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- |")
-    result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config)
+    if args.resume and args.work is None:
+        ap.error("--resume needs --work (the folder of the earlier run)")
+    result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config,
+                       log=lambda line: print(line, flush=True), resume=args.resume)
     print()
     print(format_summary(result["summary"]))
     result.update(cases=args.cases if args.manifest is None else str(args.manifest), threads=args.threads,

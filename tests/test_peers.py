@@ -52,7 +52,7 @@ def _shifted_pair(folder: Path, shape=(40, 44, 36), spacing=2.0) -> tuple[Path, 
     return tuple(paths)  # type: ignore[return-value]
 
 
-def test_harness_end_to_end_with_cohortreg_alone(tmp_path):
+def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
     fixed, moving, fixed_labels, moving_labels = _shifted_pair(tmp_path)
     manifest = tmp_path / "cohort.csv"
     with manifest.open("w", newline="") as fh:
@@ -77,6 +77,16 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path):
     cells = dict(zip(header.strip("|").split(" | "), line.strip("|").split(" | ")))
     assert float(cells["mean Dice"].strip()) == pytest.approx(result["summary"]["cohortreg"]["dice"], abs=1e-4)
     assert float(cells["centroid mm"].strip()) == pytest.approx(result["summary"]["cohortreg"]["centroid_mm"], abs=0.01)
+
+    def no_new_runs(*args, **kwargs):
+        raise AssertionError("--resume ran a tool whose run had finished")
+
+    with monkeypatch.context() as patch:  # --resume reads the finished runs back and scores them again
+        patch.setattr(peers, "run_tool", no_new_runs)
+        again = tmp_path / "again.json"
+        assert peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--threads", "1",
+                           "--work", str(tmp_path / "work"), "--resume", "--out", str(again)]) == 0
+    assert [r["dice"] for r in json.loads(again.read_text())["rows"]] == [r["dice"] for r in rows]
 
     rc = peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--select", "a->b",
                      "--threads", "1", "--work", str(tmp_path / "work-select"), "--out", str(out)])
