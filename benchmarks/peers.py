@@ -236,6 +236,7 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
                 row["seconds"] = statistics.median(run["seconds"] for run in runs)
                 row["seconds_runs"] = [round(run["seconds"], 2) for run in runs]
                 row["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+                row["threads"] = runs[0].get("threads", threads)  # a resumed run keeps its own
             rows.append(row)
             log(format_row(row))
     return {"rows": rows, "summary": summarize(rows)}
