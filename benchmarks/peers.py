@@ -49,7 +49,9 @@ import SimpleITK as sitk
 import torch
 
 from regcore import Grid
+from regcore.config import config_hash
 from regcore.evaluation import dice_per_label, label_centroid_distances
+from regcore.methods import method_config
 from regcore.regularizers import jacobian_determinant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -201,14 +203,17 @@ def run_tool(tool: str, pair: Pair, outdir: Path, python: str, threads: int, met
     return record
 
 
-def finished_run(outdir: Path, tool: str, method: str) -> dict | None:
+def finished_run(outdir: Path, tool: str, cohortreg_hash: str | None) -> dict | None:
     """The record of a run of ``tool`` that completed in ``outdir`` (its ``run.json`` is written
-    after its field), or None; a cohortreg run must also have used ``method``."""
+    after its field), or None; a cohortreg run must also carry ``cohortreg_hash``, the hash of
+    the validated method and overrides asked for now."""
     record_file = outdir / "run.json"
     if not (record_file.exists() and (outdir / "displacement.nii.gz").exists()):
         return None
     record = json.loads(record_file.read_text())
-    if record.get("tool") != tool or (tool == "cohortreg" and record.get("settings", {}).get("method") != method):
+    if record.get("tool") != tool:
+        return None
+    if tool == "cohortreg" and record.get("settings", {}).get("config_hash") != cohortreg_hash:
         return None
     return record
 
@@ -218,13 +223,14 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
     """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means}}``.
     With ``resume``, runs that already finished in ``work`` are read back, not run again."""
     rows = []
+    cohortreg_hash = config_hash(method_config(method, config)) if resume and "cohortreg" in tools else None
     for pair in pairs:
         for tool in tools:
             python = sys.executable if tool == "cohortreg" else peer_python
             runs = []
             for r in range(repeats):
                 outdir = work / re.sub(r"[^A-Za-z0-9_.-]+", "_", pair.name) / tool / f"run{r}"  # plain names: greedy splits its command on them
-                done = finished_run(outdir, tool, method) if resume else None
+                done = finished_run(outdir, tool, cohortreg_hash) if resume else None
                 runs.append(done if done is not None else run_tool(tool, pair, outdir, python, threads, method, config))
                 if "error" in runs[-1]:
                     break
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", default=None, help="comma list of texts: keep the pairs whose name contains one (e.g. 04->03,06->05)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temp dir)")
     ap.add_argument("--resume", action="store_true",
-                    help="read back the runs that finished in --work (same tools, cohortreg method) instead of running them again")
+                    help="read back the runs that finished in --work (same tools; cohortreg: same method and --config) instead of running them again")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     args = ap.parse_args(argv)
 

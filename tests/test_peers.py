@@ -86,6 +86,9 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
         again = tmp_path / "again.json"
         assert peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--threads", "1",
                            "--work", str(tmp_path / "work"), "--resume", "--out", str(again)]) == 0
+        with pytest.raises(AssertionError, match="--resume ran"):  # another method is run afresh
+            peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "rigid", "--threads", "1",
+                        "--work", str(tmp_path / "work"), "--resume", "--out", str(again)])
     assert [r["dice"] for r in json.loads(again.read_text())["rows"]] == [r["dice"] for r in rows]
 
     rc = peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--select", "a->b",
