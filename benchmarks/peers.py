@@ -48,9 +48,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from regcore import Grid
 from regcore.config import config_hash
 from regcore.evaluation import dice_per_label, label_centroid_distances
+from regcore.io import grid_from_sitk
 from regcore.methods import method_config
 from regcore.regularizers import jacobian_determinant
 
@@ -164,8 +164,7 @@ def score(pair: Pair, field_path: Path) -> dict:
         per = dice_per_label(torch.from_numpy(fa), torch.from_numpy(warped), labels)
         out["dice"] = float(np.nanmean(list(per.values())))
         out["labels"] = len(labels)
-        grid = Grid(fl.GetSize(), fl.GetSpacing(), fl.GetOrigin(), fl.GetDirection())
-        centroid = label_centroid_distances(torch.from_numpy(fa), torch.from_numpy(warped), labels, grid=grid)
+        centroid = label_centroid_distances(torch.from_numpy(fa), torch.from_numpy(warped), labels, grid=grid_from_sitk(fl))
         out["centroid_mm"] = float(np.nanmean(list(centroid.values())))
     u = torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_img), -1, 0).astype(np.float32))
     direction = torch.as_tensor(np.asarray(field_img.GetDirection()).reshape(3, 3), dtype=torch.float32)

@@ -55,18 +55,14 @@ def mean_dice(a: Image | torch.Tensor, b: Image | torch.Tensor, labels: Sequence
 
 
 def _label_centroids(labels: torch.Tensor, grid: Grid, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel count ``(n,)`` and world centroid (mm) ``(n, D)`` of every label value ``0..n-1``."""
+    """Voxel count ``(n,)`` and world centroid (mm) ``(n, D)`` of every label value ``0..n-1``
+    (the world map is affine, so the centroid of the voxel centres' world points)."""
     flat = labels.reshape(-1).to(torch.int64)
     count = torch.bincount(flat, minlength=n).double()
-    index = torch.zeros(n, grid.ndim, dtype=torch.float64, device=flat.device)
-    position = torch.arange(flat.numel(), device=flat.device)
-    stride = flat.numel()
-    for t, size in enumerate(grid.shape):  # tensor dim t is index axis D - 1 - t
-        stride //= size
-        along = torch.div(position, stride, rounding_mode="floor").remainder_(size).double()
-        index[:, grid.ndim - 1 - t] = torch.bincount(flat, weights=along, minlength=n)
-    index = index / count.clamp_min(1.0)[:, None]
-    return count.cpu().numpy(), np.asarray(grid.index_points_to_world(index.cpu().numpy()))
+    ramps = grid.index_ramps(grid.index_to_world(), flat.device, torch.float64)  # (..., D) each
+    centre = torch.stack([torch.bincount(flat, weights=sum(r[..., k] for r in ramps).expand(grid.shape).reshape(-1),
+                                         minlength=n) for k in range(grid.ndim)], dim=1)
+    return count.cpu().numpy(), (centre / count.clamp_min(1.0)[:, None]).cpu().numpy()
 
 
 def label_centroid_distances(a: Image | torch.Tensor, b: Image | torch.Tensor, labels: Sequence[int] | None = None,
