@@ -2,7 +2,7 @@
 
     python benchmarks/peers.py --cases brain-t1 [--tools cohortreg,ants-syns,ants-syn,greedy,elastix]
         [--peer-python /path/to/peers-venv/bin/python] [--threads 2] [--repeats 1]
-        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--work DIR [--resume]] [--out benchmarks/results/peers.json]
+        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--work DIR [--resume]] [--agreement] [--out benchmarks/results/peers.json]
     python benchmarks/peers.py --manifest cohort.csv [--pair-list pairs.csv] ...
 
 Cases (``../shared/data``; ``COHORTREG_SHARED_DATA`` overrides the folder):
@@ -27,6 +27,11 @@ over the labels present in both label maps, % of fixed voxels with a non-positiv
 determinant (``regcore``'s ``jacobian_determinant`` of the whole map, direction-aware), landmark
 TRE (mm) where the case has landmarks, seconds of the registration call (median over
 ``--repeats``) and peak RSS. Prints a table, writes the rows and per-tool means as JSON.
+
+``--agreement`` adds, per pair with labels, the mean Dice between the label maps warped by every
+two tools (each repeat of a tool counted apart: run-to-run spread) and the fixed labels: where the
+reference labels were themselves propagated by some registration, it shows which tool's family they
+agree with.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import SimpleITK as sitk
 import torch
 
 from regcore.config import config_hash
-from regcore.evaluation import dice_per_label, label_centroid_distances
+from regcore.evaluation import label_centroid_distances, mean_dice
 from regcore.io import grid_from_sitk
 from regcore.methods import method_config
 from regcore.regularizers import jacobian_determinant
@@ -149,6 +154,38 @@ def resample(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels: b
     return sitk.Resample(moving, fixed, tx, interp, 0.0, moving.GetPixelID())
 
 
+def warped_labels(pair: Pair, field: sitk.Image | Path) -> np.ndarray:
+    """The moving labels on the fixed grid through a tool's field (the one resampler, nearest
+    neighbour): an integer array shaped like the fixed labels (``(z, y, x)``)."""
+    if not isinstance(field, sitk.Image):
+        field = sitk.ReadImage(str(field), sitk.sitkVectorFloat64)
+    fixed, moving = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
+    return sitk.GetArrayFromImage(resample(moving, fixed, field, labels=True)).astype(np.int64)
+
+
+def pair_labels(pair: Pair) -> list[int]:
+    """The labels (not 0) present in both the fixed and the moving label maps: the ones scored."""
+    found = [set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p)))).tolist())
+             for p in (pair.fixed_labels, pair.moving_labels)]
+    return sorted(int(v) for v in (found[0] & found[1]) - {0})
+
+
+def agreement(pair: Pair, fields: dict[str, Path]) -> dict:
+    """How far the tools agree with each other where no ground truth is certain: the moving
+    labels warped by each named field, and the fixed labels as ``"reference"``; the mean Dice of
+    every two over the pair's labels (:func:`pair_labels`, so a tool's cell in the reference row
+    is its score). Returns ``{"names": [...], "dice": [[...]]}`` (symmetric, 1 on the diagonal)."""
+    maps = {"reference": sitk.GetArrayFromImage(sitk.ReadImage(str(pair.fixed_labels))).astype(np.int64)}
+    maps.update({name: warped_labels(pair, path) for name, path in fields.items()})
+    labels = pair_labels(pair)
+    names = list(maps)
+    dice = [[1.0] * len(names) for _ in names]
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            dice[i][j] = dice[j][i] = mean_dice(torch.from_numpy(maps[a]), torch.from_numpy(maps[names[j]]), labels)
+    return {"names": names, "dice": dice}
+
+
 def score(pair: Pair, field_path: Path) -> dict:
     """Dice and centroid distance (mm; labels in both maps), % non-positive Jacobian, TRE: the same
     for every tool."""
@@ -157,12 +194,10 @@ def score(pair: Pair, field_path: Path) -> dict:
     if pair.fixed_labels is not None and pair.moving_labels is not None:
         fl = sitk.ReadImage(str(pair.fixed_labels))
         ml = sitk.ReadImage(str(pair.moving_labels))
-        warped = sitk.GetArrayFromImage(resample(ml, fl, field_img, labels=True)).astype(np.int64)
+        warped = warped_labels(pair, field_img)
         fa = sitk.GetArrayFromImage(fl).astype(np.int64)
-        ma = sitk.GetArrayFromImage(ml).astype(np.int64)
-        labels = sorted((set(np.unique(fa).tolist()) & set(np.unique(ma).tolist())) - {0})
-        per = dice_per_label(torch.from_numpy(fa), torch.from_numpy(warped), labels)
-        out["dice"] = float(np.nanmean(list(per.values())))
+        labels = pair_labels(pair)
+        out["dice"] = mean_dice(torch.from_numpy(fa), torch.from_numpy(warped), labels)
         out["labels"] = len(labels)
         centroid = label_centroid_distances(torch.from_numpy(fa), torch.from_numpy(warped), labels, grid=grid_from_sitk(fl))
         out["centroid_mm"] = float(np.nanmean(list(centroid.values())))
@@ -218,12 +253,17 @@ def finished_run(outdir: Path, tool: str, cohortreg_hash: str | None) -> dict | 
 
 
 def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str, threads: int,
-              repeats: int, method: str, config: str | None, log=print, resume: bool = False) -> dict:
+              repeats: int, method: str, config: str | None, log=print, resume: bool = False,
+              with_agreement: bool = False) -> dict:
     """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means}}``.
-    With ``resume``, runs that already finished in ``work`` are read back, not run again."""
+    With ``resume``, runs that already finished in ``work`` are read back, not run again. With
+    ``with_agreement``, also ``"agreement": {pair: agreement(...)}`` over every finished run
+    (``tool`` for the first, ``tool#r`` for repeat ``r``) of the pairs with labels."""
     rows = []
+    agreements: dict = {}
     cohortreg_hash = config_hash(method_config(method, config)) if resume and "cohortreg" in tools else None
     for pair in pairs:
+        fields: dict[str, Path] = {}
         for tool in tools:
             python = sys.executable if tool == "cohortreg" else peer_python
             runs = []
@@ -233,6 +273,7 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
                 runs.append(done if done is not None else run_tool(tool, pair, outdir, python, threads, method, config))
                 if "error" in runs[-1]:
                     break
+                fields[tool if r == 0 else f"{tool}#{r}"] = outdir / "displacement.nii.gz"
             row = {"pair": pair.name, "tool": tool}
             if "error" in runs[-1]:
                 row["error"] = runs[-1]["error"]
@@ -244,7 +285,31 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
                 row["threads"] = runs[0].get("threads", threads)  # a resumed run keeps its own
             rows.append(row)
             log(format_row(row))
-    return {"rows": rows, "summary": summarize(rows)}
+        if with_agreement and pair.fixed_labels is not None and pair.moving_labels is not None and fields:
+            agreements[pair.name] = agreement(pair, fields)
+    out = {"rows": rows, "summary": summarize(rows)}
+    if with_agreement:
+        out["agreement"] = agreements
+    return out
+
+
+def mean_agreement(agreements: dict) -> dict:
+    """The element-wise mean of the pairs' agreement matrices (the names of the first pair; pairs
+    whose tools failed differently are left out)."""
+    if not agreements:
+        return {"names": [], "dice": []}
+    first = next(iter(agreements.values()))
+    same = [a["dice"] for a in agreements.values() if a["names"] == first["names"]]
+    return {"names": first["names"], "dice": np.mean(np.asarray(same, dtype=float), axis=0).tolist(), "pairs": len(same)}
+
+
+def format_agreement(matrix: dict) -> str:
+    """A markdown table of an agreement matrix (mean Dice between the warped label maps)."""
+    names = matrix["names"]
+    lines = ["| mean Dice | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for i, (name, row) in enumerate(zip(names, matrix["dice"])):
+        lines.append(f"| {name} | " + " | ".join("-" if j == i else f"{v:.4f}" for j, v in enumerate(row)) + " |")
+    return "\n".join(lines)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -299,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temp dir)")
     ap.add_argument("--resume", action="store_true",
                     help="read back the runs that finished in --work (same tools; cohortreg: same method and --config) instead of running them again")
+    ap.add_argument("--agreement", action="store_true",
+                    help="also the mean Dice between the label maps warped by every two tools (and each repeat), and the reference")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     args = ap.parse_args(argv)
 
@@ -336,9 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.work is None:
         ap.error("--resume needs --work (the folder of the earlier run)")
     result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config,
-                       log=lambda line: print(line, flush=True), resume=args.resume)
+                       log=lambda line: print(line, flush=True), resume=args.resume, with_agreement=args.agreement)
     print()
     print(format_summary(result["summary"]))
+    if args.agreement:
+        result["agreement_mean"] = mean_agreement(result["agreement"])
+        print(f"\nagreement (mean over {result['agreement_mean'].get('pairs', 0)} pairs): mean Dice between warped label maps")
+        print(format_agreement(result["agreement_mean"]))
     result.update(cases=args.cases if args.manifest is None else str(args.manifest), threads=args.threads,
                   repeats=args.repeats, method=args.method, config=args.config, tools={t: TOOLS[t].description for t in tools},
                   torch=torch.__version__, host=os.uname().nodename, date=time.strftime("%Y-%m-%d %H:%M"))

@@ -91,6 +91,16 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
                         "--work", str(tmp_path / "work"), "--resume", "--out", str(again)])
     assert [r["dice"] for r in json.loads(again.read_text())["rows"]] == [r["dice"] for r in rows]
 
+    agreed = tmp_path / "agreement.json"  # --agreement: the reference row holds each tool's score
+    assert peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--threads", "1",
+                       "--work", str(tmp_path / "work"), "--resume", "--agreement", "--out", str(agreed)]) == 0
+    with_agreement = json.loads(agreed.read_text())
+    for row in rows:
+        matrix = with_agreement["agreement"][row["pair"]]
+        assert matrix["names"] == ["reference", "cohortreg"]
+        assert matrix["dice"][0][1] == pytest.approx(row["dice"], abs=1e-12)
+    assert with_agreement["agreement_mean"]["dice"][0][1] == pytest.approx(np.mean([r["dice"] for r in rows]), abs=1e-12)
+
     rc = peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--select", "a->b",
                      "--threads", "1", "--work", str(tmp_path / "work-select"), "--out", str(out)])
     assert rc == 0
@@ -99,18 +109,50 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
         peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--select", "c->d", "--out", str(out)])
 
 
+def _write_field(tmp_path: Path, fixed: Path, shift, name: str) -> Path:
+    """A constant displacement field (mm, ITK convention) on the fixed grid."""
+    ref = sitk.ReadImage(str(fixed))
+    field = np.broadcast_to(np.asarray(shift, dtype=np.float64), (*reversed(ref.GetSize()), 3))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
+    image.CopyInformation(ref)
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
 def test_scoring_uses_one_resampler_and_the_itk_convention(tmp_path):
     """A field written by hand (the exact answer) scores Dice 1 and no folding."""
     fixed, moving, fixed_labels, moving_labels = _shifted_pair(tmp_path)
-    ref = sitk.ReadImage(str(fixed))
-    field = np.broadcast_to(SHIFT, (*reversed(ref.GetSize()), 3)).astype(np.float64)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
-    image.CopyInformation(ref)
-    sitk.WriteImage(image, str(tmp_path / "field.nii.gz"))
     pair = peers.Pair("p", fixed, moving, fixed_labels, moving_labels)
-    scores = peers.score(pair, tmp_path / "field.nii.gz")
+    scores = peers.score(pair, _write_field(tmp_path, fixed, SHIFT, "field.nii.gz"))
     assert scores["dice"] > 0.98 and scores["nonpositive_jacobian_percent"] == 0.0
     assert scores["centroid_mm"] < 0.1  # the label centroids land on the fixed ones (1 voxel = 2 mm)
+
+
+def test_agreement_between_tools_and_the_reference(tmp_path):
+    """Two hand-written answers: the exact shift and the identity. Their agreement with the
+    reference is their score; the exact one stands in for the reference, so it agrees with the
+    identity as the reference does; the matrix is symmetric with 1 on the diagonal."""
+    fixed, moving, fixed_labels, moving_labels = _shifted_pair(tmp_path)
+    pair = peers.Pair("p", fixed, moving, fixed_labels, moving_labels)
+    exact = _write_field(tmp_path, fixed, SHIFT, "exact.nii.gz")
+    identity = _write_field(tmp_path, fixed, [0.0, 0.0, 0.0], "identity.nii.gz")
+    matrix = peers.agreement(pair, {"exact": exact, "identity": identity})
+    assert matrix["names"] == ["reference", "exact", "identity"]
+    dice = np.asarray(matrix["dice"])
+    assert np.allclose(dice, dice.T) and np.all(np.diag(dice) == 1.0)
+    assert dice[0, 1] == pytest.approx(peers.score(pair, exact)["dice"], abs=1e-12)
+    assert dice[0, 2] == pytest.approx(peers.score(pair, identity)["dice"], abs=1e-12)
+    assert dice[0, 1] > 0.98 and dice[0, 2] < 0.8  # the shift is 4-6 mm: the identity misses it
+    assert dice[1, 2] == pytest.approx(dice[0, 2], abs=0.02)
+
+    other = {"names": matrix["names"], "dice": (1.0 - 0.5 * (1.0 - dice)).tolist()}  # a second pair, halfway to 1
+    mean = peers.mean_agreement({"p": matrix, "q": other})
+    assert mean["pairs"] == 2 and np.allclose(mean["dice"], (dice + np.asarray(other["dice"])) / 2)
+    table = peers.format_agreement(mean).splitlines()
+    assert table[0].split(" | ")[1:] == ["reference", "exact", "identity |"]
+    cells = table[2].strip("| ").split(" | ")  # the reference row
+    assert cells[1] == "-" and float(cells[2]) == pytest.approx(mean["dice"][0][1], abs=1e-4)
 
 
 @pytest.mark.parametrize("tool", sorted(set(peer_tools.TOOLS) - {"cohortreg"}))
@@ -125,3 +167,19 @@ def test_peer_adapter_convention(tool, tmp_path):
     inside = sitk.GetArrayFromImage(sitk.ReadImage(str(fixed_labels))) > 0
     np.testing.assert_allclose(np.median(field[inside], axis=0), SHIFT, atol=0.6)  # world LPS mm, fixed -> moving
     assert peers.score(pair, tmp_path / tool / "displacement.nii.gz")["dice"] > 0.7  # elastix's default B-spline 0.75
+
+
+def test_benchmark_configs_are_valid_overrides_of_the_default_method():
+    """The override files the benchmark README cites (``--config``) validate and change the preset:
+    ``syn-1mm-no-floors.yaml`` lifts the ``syn`` stage's mm floors and adds a 1 mm iteration."""
+    from regcore.config import config_hash
+    from regcore.methods import method_config
+
+    files = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
+    assert files
+    preset = method_config("affine+syn")
+    for path in files:
+        assert config_hash(method_config("affine+syn", path)) != config_hash(preset), path.name
+    sharp = method_config("affine+syn", ROOT / "benchmarks" / "configs" / "syn-1mm-no-floors.yaml").stages[-1]
+    assert (sharp.smoothing.update_sigma_mm, sharp.smoothing.field_sigma_mm) == (0.0, 0.0)
+    assert sharp.pyramid.iterations == [100, 60, 20, 6] and sharp.transform == "syn"
