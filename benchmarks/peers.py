@@ -154,30 +154,33 @@ def resample(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, labels: b
     return sitk.Resample(moving, fixed, tx, interp, 0.0, moving.GetPixelID())
 
 
-def warped_labels(pair: Pair, field: sitk.Image | Path) -> np.ndarray:
+def read_label_maps(pair: Pair) -> tuple[sitk.Image, sitk.Image]:
+    """The pair's fixed and moving label maps, read once for all the tools scored on it."""
+    return sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
+
+
+def warped_labels(fixed: sitk.Image, moving: sitk.Image, field: sitk.Image | Path) -> np.ndarray:
     """The moving labels on the fixed grid through a tool's field (the one resampler, nearest
     neighbour): an integer array shaped like the fixed labels (``(z, y, x)``)."""
     if not isinstance(field, sitk.Image):
         field = sitk.ReadImage(str(field), sitk.sitkVectorFloat64)
-    fixed, moving = sitk.ReadImage(str(pair.fixed_labels)), sitk.ReadImage(str(pair.moving_labels))
     return sitk.GetArrayFromImage(resample(moving, fixed, field, labels=True)).astype(np.int64)
 
 
-def pair_labels(pair: Pair) -> list[int]:
+def shared_labels(fixed: np.ndarray, moving: np.ndarray) -> list[int]:
     """The labels (not 0) present in both the fixed and the moving label maps: the ones scored."""
-    found = [set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p)))).tolist())
-             for p in (pair.fixed_labels, pair.moving_labels)]
-    return sorted(int(v) for v in (found[0] & found[1]) - {0})
+    return sorted(int(v) for v in (set(np.unique(fixed).tolist()) & set(np.unique(moving).tolist())) - {0})
 
 
 def agreement(pair: Pair, fields: dict[str, Path]) -> dict:
     """How far the tools agree with each other where no ground truth is certain: the moving
     labels warped by each named field, and the fixed labels as ``"reference"``; the mean Dice of
-    every two over the pair's labels (:func:`pair_labels`, so a tool's cell in the reference row
+    every two over the pair's labels (:func:`shared_labels`, so a tool's cell in the reference row
     is its score). Returns ``{"names": [...], "dice": [[...]]}`` (symmetric, 1 on the diagonal)."""
-    maps = {"reference": sitk.GetArrayFromImage(sitk.ReadImage(str(pair.fixed_labels))).astype(np.int64)}
-    maps.update({name: warped_labels(pair, path) for name, path in fields.items()})
-    labels = pair_labels(pair)
+    fixed, moving = read_label_maps(pair)
+    maps = {"reference": sitk.GetArrayFromImage(fixed).astype(np.int64)}
+    labels = shared_labels(maps["reference"], sitk.GetArrayFromImage(moving))
+    maps.update({name: warped_labels(fixed, moving, path) for name, path in fields.items()})
     names = list(maps)
     dice = [[1.0] * len(names) for _ in names]
     for i, a in enumerate(names):
@@ -192,11 +195,10 @@ def score(pair: Pair, field_path: Path) -> dict:
     field_img = sitk.ReadImage(str(field_path), sitk.sitkVectorFloat64)
     out: dict = {}
     if pair.fixed_labels is not None and pair.moving_labels is not None:
-        fl = sitk.ReadImage(str(pair.fixed_labels))
-        ml = sitk.ReadImage(str(pair.moving_labels))
-        warped = warped_labels(pair, field_img)
+        fl, ml = read_label_maps(pair)
+        warped = warped_labels(fl, ml, field_img)
         fa = sitk.GetArrayFromImage(fl).astype(np.int64)
-        labels = pair_labels(pair)
+        labels = shared_labels(fa, sitk.GetArrayFromImage(ml))
         out["dice"] = mean_dice(torch.from_numpy(fa), torch.from_numpy(warped), labels)
         out["labels"] = len(labels)
         centroid = label_centroid_distances(torch.from_numpy(fa), torch.from_numpy(warped), labels, grid=grid_from_sitk(fl))
@@ -406,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                        log=lambda line: print(line, flush=True), resume=args.resume, with_agreement=args.agreement)
     print()
     print(format_summary(result["summary"]))
-    if args.agreement:
+    if args.agreement and not result["agreement"]:
+        print("\n--agreement: no pair has label maps on both sides, nothing to compare", file=sys.stderr)
+    elif args.agreement:
         result["agreement_mean"] = mean_agreement(result["agreement"])
         print(f"\nagreement (mean over {result['agreement_mean'].get('pairs', 0)} pairs): mean Dice between warped label maps")
         print(format_agreement(result["agreement_mean"]))
