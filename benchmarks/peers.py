@@ -9,6 +9,9 @@ Cases (``../shared/data``; ``COHORTREG_SHARED_DATA`` overrides the folder):
 
 - ``brain-t1``: real IXI T1 at 2 mm, 148 DLMUSE labels; pairs 02->01, 04->03, 06->05, 08->07,
   10->09 (moving->fixed) and their reverses;
+- ``brain-t1-1mm``: the same 10 pairs resampled onto 1 mm grids covering the same boxes (linear
+  for the images, nearest neighbour for the labels; written once to ``--work``): real MR and each
+  subject's own labels on a 1 mm grid, so that a method's 1 mm level is scored on real brains;
 - ``colin-mni``: Colin27 -> MNI152 at 1 mm (AAL labels; the files store different directions);
 - ``labelmaps-1mm``: 6 ``brain-labelmaps`` pairs (1->2, 3->4, ...: fixed->moving subjects) at 1 mm,
   cropped to the head, intensities from the labels by ``regcore.synthetic`` (seeded);
@@ -88,6 +91,34 @@ def brain_t1_pairs(root: Path) -> list[Pair]:
         for f, m in ((fixed, moving), (moving, fixed)):
             out.append(Pair(f"brain-t1 {m:02d}->{f:02d}", d / f"subj{f:02d}_t1.nii.gz", d / f"subj{m:02d}_t1.nii.gz",
                             d / f"subj{f:02d}_labels.nii.gz", d / f"subj{m:02d}_labels.nii.gz"))
+    return out
+
+
+def halve_spacing(image: sitk.Image, labels: bool) -> sitk.Image:
+    """``image`` resampled onto a grid of half its spacing covering the same box (the outer voxel
+    faces stay in place): linear for intensities, nearest neighbour for labels."""
+    spacing = np.asarray(image.GetSpacing())
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    ref = sitk.Image([2 * n for n in image.GetSize()], image.GetPixelID())
+    ref.SetSpacing((spacing / 2).tolist())
+    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin((np.asarray(image.GetOrigin()) - direction @ (spacing / 4)).tolist())
+    interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return sitk.Resample(image, ref, sitk.Transform(), interp, 0.0, image.GetPixelID())
+
+
+def brain_t1_1mm_pairs(root: Path, work: Path) -> list[Pair]:
+    """The ``brain-t1`` pairs on 1 mm grids, written once to ``work`` for every tool."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = []
+    for pair in brain_t1_pairs(root):
+        files = []
+        for path, labels in ((pair.fixed, False), (pair.moving, False), (pair.fixed_labels, True), (pair.moving_labels, True)):
+            dest = work / path.name.replace(".nii.gz", "_1mm.nii.gz")
+            if not dest.exists():
+                sitk.WriteImage(halve_spacing(sitk.ReadImage(str(path)), labels), str(dest), True)
+            files.append(dest)
+        out.append(Pair(pair.name.replace("brain-t1", "brain-t1-1mm"), *files))
     return out
 
 
@@ -352,7 +383,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="brain-t1", help="comma list: brain-t1, colin-mni, labelmaps-1mm, labelmaps-2mm, lung")
+    ap.add_argument("--cases", default="brain-t1", help="comma list: brain-t1, brain-t1-1mm, colin-mni, labelmaps-1mm, labelmaps-2mm, lung")
     ap.add_argument("--manifest", type=Path, help="a cohort CSV (subject,image,labels) instead of --cases")
     ap.add_argument("--pair-list", type=Path, help="fixed,moving subject ids for --manifest")
     ap.add_argument("--tools", default="cohortreg,ants-syns,ants-syn,greedy,elastix")
@@ -376,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is not None:
         pairs = manifest_pairs(args.manifest, args.pair_list)
     else:
-        makers = {"brain-t1": lambda: brain_t1_pairs(SHARED), "colin-mni": lambda: colin_mni_pairs(SHARED),
+        makers = {"brain-t1": lambda: brain_t1_pairs(SHARED), "brain-t1-1mm": lambda: brain_t1_1mm_pairs(SHARED, work),
+                  "colin-mni": lambda: colin_mni_pairs(SHARED),
                   "labelmaps-1mm": lambda: labelmap_pairs(SHARED, work, 1.0),
                   "labelmaps-2mm": lambda: labelmap_pairs(SHARED, work, 2.0), "lung": lambda: lung_pairs(SHARED)}
         pairs = []

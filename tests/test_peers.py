@@ -171,7 +171,7 @@ def test_peer_adapter_convention(tool, tmp_path):
 
 def test_benchmark_configs_are_valid_overrides_of_the_default_method():
     """The override files the benchmark README cites (``--config``) validate and change the preset:
-    ``syn-1mm-no-floors.yaml`` lifts the ``syn`` stage's mm floors and adds a 1 mm iteration."""
+    ``syn-1mm-floors.yaml`` restores the ``syn`` stage's earlier mm floors and its 5 iterations at 1 mm."""
     from regcore.config import config_hash
     from regcore.methods import method_config
 
@@ -180,6 +180,42 @@ def test_benchmark_configs_are_valid_overrides_of_the_default_method():
     preset = method_config("affine+syn")
     for path in files:
         assert config_hash(method_config("affine+syn", path)) != config_hash(preset), path.name
-    sharp = method_config("affine+syn", ROOT / "benchmarks" / "configs" / "syn-1mm-no-floors.yaml").stages[-1]
-    assert (sharp.smoothing.update_sigma_mm, sharp.smoothing.field_sigma_mm) == (0.0, 0.0)
-    assert sharp.pyramid.iterations == [100, 60, 20, 6] and sharp.transform == "syn"
+    assert (preset.stages[-1].smoothing.update_sigma_mm, preset.stages[-1].smoothing.field_sigma_mm) == (0.0, 0.0)
+    floors = method_config("affine+syn", ROOT / "benchmarks" / "configs" / "syn-1mm-floors.yaml").stages[-1]
+    assert (floors.smoothing.update_sigma_mm, floors.smoothing.field_sigma_mm) == (2.5, 1.0)
+    assert floors.pyramid.iterations == [100, 60, 20, 5] and floors.transform == "syn"
+
+
+def test_brain_t1_1mm_case_halves_the_spacing_over_the_same_box(tmp_path):
+    """``brain-t1-1mm``: every brain-t1 file on a grid of half the spacing covering the same box.
+    A linear ramp in world mm is reproduced exactly inside (linear interpolation), each label at
+    the world point of every new voxel is the old voxel's label there (nearest neighbour), and
+    the 10 pairs keep their fixed/moving roles."""
+    size, spacing, origin = (6, 7, 5), 2.0, (-30.0, 20.0, -10.0)
+    grid = Grid(size, (spacing,) * 3, origin, DIRECTION)
+    world = grid.world_points(dtype=torch.float64)  # (z, y, x, 3)
+    ramp = (world @ torch.tensor([0.5, -0.25, 1.0], dtype=torch.float64))[None]
+    labels = (torch.arange(np.prod(size)).reshape(1, *reversed(size)) % 7).to(torch.int16)
+    root = tmp_path / "data"
+    (root / "brain-t1").mkdir(parents=True)
+    for s in range(1, 11):
+        write_image(Image(ramp.float() + s, grid), root / "brain-t1" / f"subj{s:02d}_t1.nii.gz")
+        write_image(Image(labels, grid), root / "brain-t1" / f"subj{s:02d}_labels.nii.gz", np.int16)
+    pairs = peers.brain_t1_1mm_pairs(root, tmp_path / "work")
+    assert [p.name for p in pairs] == [p.name.replace("brain-t1", "brain-t1-1mm") for p in peers.brain_t1_pairs(root)]
+    assert pairs[0].fixed.name == "subj01_t1_1mm.nii.gz" and pairs[0].moving.name == "subj02_t1_1mm.nii.gz"
+
+    fine = sitk.ReadImage(str(pairs[0].fixed))
+    assert fine.GetSize() == tuple(2 * n for n in size) and fine.GetSpacing() == pytest.approx((1.0,) * 3)
+    np.testing.assert_allclose(fine.GetOrigin(), np.asarray(origin) - DIRECTION @ np.full(3, 0.5), atol=1e-6)
+    fine_grid = peers.grid_from_sitk(fine)
+    fine_world = fine_grid.world_points(dtype=torch.float64)
+    expected = (fine_world @ torch.tensor([0.5, -0.25, 1.0], dtype=torch.float64)).numpy() + 1
+    got = sitk.GetArrayFromImage(fine)
+    inner = (slice(1, -1),) * 3  # the outer half voxel lies beyond the old centres: extrapolated there
+    np.testing.assert_allclose(got[inner], expected[inner], atol=1e-4)
+
+    fine_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(pairs[0].fixed_labels)))
+    old = sample_world(Image(labels.float(), grid), fine_world, mode="nearest")[0].numpy()
+    np.testing.assert_array_equal(fine_labels, old)
+    assert sorted(np.unique(fine_labels)) == list(range(7))
