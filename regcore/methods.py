@@ -102,19 +102,21 @@ PRESETS.update(
 # symmetric diffeomorphic normalisation (ANTs SyN's scheme, greedy-style updates; regcore.greedy):
 # local squared correlation over 5^3 voxels with analytic gradients (flat windows, b c <= 1e-6,
 # ignored), levels at 8, 4, 2 and 1 mm (an image coarser than a level runs it at its own
-# resolution: a 2 mm brain gets 8/4/2 mm with 25 iterations at 2 mm), steps of at most 0.75 voxel
-# per half, updates smoothed by 1.25 voxel and the half fields by 0.5 voxel of each level, but
-# never by less than 2.5 mm and 1 mm: the 1 mm level is as smooth in mm as the 2 mm one (without
-# the floor it fits noise: Colin27 -> MNI152 -0.015 Dice, folding). Tuned on real T1 brains
-# (brain-t1, 2 mm) and checked at 1 mm (Colin27 -> MNI152, label maps) and on lung CT
-# (benchmarks/peers.py); the 1 mm level costs about 9 s of a 1 mm pair on 2 CPU cores (README).
+# resolution: a 2 mm brain gets 8/4/2 mm with 26 iterations at 2 mm), steps of at most 0.75 voxel
+# per half, updates smoothed by 1.25 voxel and the half fields by 0.5 voxel of each level, as ANTs
+# and greedy scale them (voxels, not mm). Tuned on real T1 brains (brain-t1, 2 mm) and, for the
+# 1 mm level, on the same brains resampled to 1 mm (brain-t1-1mm: +0.016 Dice on 10 of 10 pairs
+# against mm floors of 2.5 / 1.0 mm, which kept the 1 mm level as smooth in mm as the 2 mm one)
+# and the 1 mm label maps (+0.016); Colin27 -> MNI152, whose AAL map was propagated by an MI
+# registration, prefers the floors (-0.013): benchmarks/configs/syn-1mm-floors.yaml restores them.
+# The 1 mm level costs about 10 s of a 1 mm pair on 2 CPU cores (benchmarks/README.md).
 _SYN_STAGE = {
     "transform": "syn",
     "init": "previous",
     "objective": [{"measure": "lcc", "params": {"radius": 2, "exact": False, "eps": 1e-6}}],
     "optimizer": {"name": "greedy", "lr": 0.75},
-    "pyramid": {"spacing_mm": [8, 4, 2, 1], "iterations": [100, 60, 20, 5]},
-    "smoothing": {"update_sigma_vox": 1.25, "field_sigma_vox": 0.5, "update_sigma_mm": 2.5, "field_sigma_mm": 1.0},
+    "pyramid": {"spacing_mm": [8, 4, 2, 1], "iterations": [100, 60, 20, 6]},
+    "smoothing": {"update_sigma_vox": 1.25, "field_sigma_vox": 0.5},
     "stopping": {"rel_tol": 1e-5, "patience": 20},
     "normalize": "percentile",
 }

@@ -184,10 +184,11 @@ def test_level_sigmas_are_voxels_with_a_floor_in_mm(spacing, expected_update, ex
     assert level_sigmas(0.5, 1.0, spacing) == pytest.approx(expected_field)
 
 
-def test_greedy_levels_smooth_with_the_mm_floor(monkeypatch):
-    """The preset's floors reach the greedy optimiser: on a 1 mm image the 1 mm level smooths
-    updates by 2.5 voxels and fields by 1 voxel, the coarse level (>= 2.75 mm here: the image is
-    small) by 1.25 and 0.5 voxels."""
+def test_greedy_levels_smooth_in_voxels_or_with_the_configured_mm_floor(monkeypatch):
+    """The preset smooths every level by 1.25 (updates) and 0.5 (fields) of its own voxels, the
+    1 mm level included. mm floors, when configured (``benchmarks/configs/syn-1mm-floors.yaml``),
+    reach the greedy optimiser: the 1 mm level then smooths updates by 2.5 voxels and fields by 1
+    voxel, the coarse level (>= 2.75 mm here: the image is small) still by 1.25 and 0.5 voxels."""
     import regcore.greedy as greedy
 
     seen: list[tuple[float, ...]] = []
@@ -203,8 +204,12 @@ def test_greedy_levels_smooth_with_the_mm_floor(monkeypatch):
     fixed = Image(torch.from_numpy(blobs(shape, n=20, seed=5, sigma=0.1)).float(), grid)
     moving = Image(torch.roll(fixed.data, 1, dims=-1), grid)
     cfg = method_config("syn").model_dump(mode="json")
-    assert cfg["stages"][0]["smoothing"]["update_sigma_mm"] == 2.5 and cfg["stages"][0]["smoothing"]["field_sigma_mm"] == 1.0
+    assert cfg["stages"][0]["smoothing"]["update_sigma_mm"] == 0.0 and cfg["stages"][0]["smoothing"]["field_sigma_mm"] == 0.0
     cfg["stages"][0]["pyramid"] = {"spacing_mm": [4, 1], "iterations": [3, 3]}
+    register(fixed, moving, cfg)
+    assert set(seen) == {(1.25,) * 3, (0.5,) * 3}, sorted(set(seen))
+    seen.clear()
+    cfg["stages"][0]["smoothing"].update(update_sigma_mm=2.5, field_sigma_mm=1.0)
     register(fixed, moving, cfg)
     assert set(seen) == {(1.25,) * 3, (0.5,) * 3, (2.5,) * 3, (1.0,) * 3}, sorted(set(seen))
 
