@@ -98,7 +98,7 @@ def halve_spacing(image: sitk.Image, labels: bool) -> sitk.Image:
     """``image`` resampled onto a grid of half its spacing covering the same box (the outer voxel
     faces stay in place): linear for intensities, nearest neighbour for labels."""
     spacing = np.asarray(image.GetSpacing())
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    direction = np.asarray(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())
     ref = sitk.Image([2 * n for n in image.GetSize()], image.GetPixelID())
     ref.SetSpacing((spacing / 2).tolist())
     ref.SetDirection(image.GetDirection())
