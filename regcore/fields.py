@@ -167,28 +167,21 @@ class FieldSampler:
 def invert_displacement(u: torch.Tensor, grid: Grid, iterations: int = 20, tol_vox: float = 0.001,
                         initial: torch.Tensor | None = None, coarse_start: bool = True) -> torch.Tensor:
     """The inverse field ``v`` of ``u`` on the same grid: ``v(y) = -u(y + v(y))``, so that
-    ``(id + u) o (id + v) = id`` (mm), by fixed-point iteration (converges where the map is
-    invertible with ``|grad u| < 1``; border-clamped outside the grid).
+    ``(id + u) o (id + v) = id`` (mm); border-clamped outside the grid.
 
-    Stops when the voxels move by less than ``tol_vox`` voxels on average in an iteration, or after
-    ``iterations`` (the mean, not the maximum: where the field folds, e.g. clamped at the grid's
-    border, a few voxels have no inverse and cycle for ever). The starting guess is ``initial`` if given; else, with ``coarse_start`` on a
-    grid of at least 32 voxels per axis, the inverse computed on the grid downsampled by 2
-    (recursively), so that most iterations run on an eighth of the voxels; else ``-u``.
+    Fixed-point iteration ``v <- -u(y + v)`` (at most ``iterations``), then Newton's method on
+    the voxels it left with a residual ``|v + u(y + v)|`` above ``tol_vox`` voxels (see
+    :func:`_fixed_point_then_newton`). The fixed point alone diverges where the map stretches by
+    more than 2 along some direction (``|grad u| > 1``) even though it is invertible there: such
+    voxels of a SyN half map kept residuals of several mm and made the composed map fold.
+    The starting guess is ``initial`` if given; else, with ``coarse_start`` on a grid of at least
+    32 voxels per axis, the inverse computed on the grid downsampled by 2 (recursively), so that
+    most iterations run on an eighth of the voxels; else ``-u``.
     """
     if initial is None and coarse_start and min(grid.size) >= 32:
         coarse = grid.downsample(2)
         initial = resize_field(invert_displacement(resize_field(u, grid, coarse), coarse, iterations, tol_vox), coarse, grid)
-    sampler = FieldSampler(grid, grid, device=u.device, dtype=u.dtype)
-    v = -u if initial is None else initial
-    tol = tol_vox * min(grid.spacing)
-    for _ in range(iterations):
-        new = -sampler.sample(u, v, padding="border")[0]
-        change = float(((new - v).detach() ** 2).sum(0).sqrt().mean())
-        v = new
-        if change <= tol:
-            break
-    return v
+    return _fixed_point_then_newton(u, grid, grid, -u if initial is None else initial, iterations, tol_vox)
 
 
 def invert_onto(u: torch.Tensor, source: Grid, target: Grid, iterations: int = 50,
@@ -198,20 +191,97 @@ def invert_onto(u: torch.Tensor, source: Grid, target: Grid, iterations: int = 5
 
     This is how a registration's backward field (fixed grid, fixed -> moving) becomes the
     moving -> fixed transform on the moving grid (what resampling the fixed image onto the
-    moving image needs). Fixed-point iteration from ``-u(y)``; stops when the mean change is below
-    ``tol_vox`` voxels of ``target``. Where ``y + w(y)`` leaves ``source`` the field is clamped
-    (no inverse is known there). Returns ``(D, *target.shape)``.
+    moving image needs). Fixed-point iteration from ``-u(y)``, then Newton's method where it
+    leaves a residual above ``tol_vox`` voxels of ``target`` (:func:`_fixed_point_then_newton`).
+    Where ``y + w(y)`` leaves ``source`` the field is clamped (no inverse is known there).
+    Returns ``(D, *target.shape)``.
+    """
+    start = -FieldSampler(source, target, device=u.device, dtype=u.dtype).sample(u, None, padding="border")[0]
+    return _fixed_point_then_newton(u, source, target, start, iterations, tol_vox)
+
+
+def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: torch.Tensor, iterations: int,
+                             tol_vox: float, newton_share: float = 0.05, newton_iterations: int = 10) -> torch.Tensor:
+    """Solve ``w(y) + u(y + w(y)) = 0`` at the voxel centres ``y`` of ``target`` (``u`` on
+    ``source``, ``w`` the start, both mm): the inverse of ``id + u`` as a field on ``target``.
+
+    Fixed-point steps ``w <- -u(y + w)`` run until at most ``newton_share`` of the voxels keep a
+    residual ``|w + u(y + w)|`` above ``tol_vox`` voxels of ``target`` (or ``iterations`` have
+    run); each step's change is the residual of the field it started from, so the test costs no
+    extra sampling. The voxels still above the tolerance then take Newton steps
+    (:func:`_newton_inverse_at_points`): quadratic where the fixed point converges slowly or not
+    at all (a map that stretches by more than 2 along some direction), and cheap because they
+    are few. Returns ``(D, *target.shape)``.
     """
     sampler = FieldSampler(source, target, device=u.device, dtype=u.dtype)
-    w = -sampler.sample(u, None, padding="border")[0]
     tol = tol_vox * min(target.spacing)
-    for _ in range(iterations):
+    limit = newton_share * target.numel
+    for it in range(iterations + 1):
         new = -sampler.sample(u, w, padding="border")[0]
-        change = float(((new - w) ** 2).sum(0).sqrt().mean())
-        w = new
-        if change <= tol:
+        residual = ((new - w) ** 2).sum(0)  # squared, of w
+        above = residual > tol * tol
+        count = int(above.sum())
+        if count == 0:
+            return w
+        if count <= limit or it == iterations:
             break
+        w = new
+    index = above.nonzero()  # (N, D) tensor order (z, y, x)
+    points = torch.as_tensor(target.index_to_world(), dtype=torch.float64, device=u.device)
+    points = index.flip(-1).to(torch.float64) @ points[:-1, :-1].T + points[:-1, -1]
+    start = torch.movedim(w, 0, -1)[above]
+    polished = _newton_inverse_at_points(u, source, points, start, tol, newton_iterations)
+    w = w.clone()
+    torch.movedim(w, 0, -1)[above] = polished
     return w
+
+
+def _newton_inverse_at_points(u: torch.Tensor, source: Grid, points: torch.Tensor, w: torch.Tensor,
+                              tol_mm: float, iterations: int) -> torch.Tensor:
+    """Newton's method for ``r(w) = w + u(p + w) = 0`` at ``N`` world points ``p`` ``(N, D)``
+    (float64, mm), from ``w`` ``(N, D)`` mm; ``u`` ``(D, *source.shape)`` mm is interpolated
+    linearly, border-clamped.
+
+    The Jacobian ``I + grad u`` is taken by central differences of the interpolated ``u`` half a
+    voxel either side along each world axis. Each step is at most one voxel long (a trust
+    region for voxels where the map is nearly singular), and each point keeps the iterate with
+    the smallest residual. Returns ``(N, D)``.
+    """
+    d = source.ndim
+    w2n = torch.as_tensor(source.world_to_normalized(), dtype=torch.float64, device=u.device)
+    lin, shift = w2n[:d, :d], w2n[:d, d]
+    h = 0.5 * min(source.spacing)
+    cap = min(source.spacing)
+    offsets = torch.eye(d, dtype=torch.float64, device=u.device) * h
+
+    def sample(at: torch.Tensor) -> torch.Tensor:  # (..., D) world -> (..., D) displacement
+        coords = at @ lin.T + shift
+        return torch.movedim(sample_normalized(u, coords, "linear", "border"), 0, -1).to(torch.float64)
+
+    w = w.to(torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=u.device)
+    best, best_norm = w, None
+    for k in range(iterations + 1):
+        x = points + w
+        r = w + sample(x)
+        norm = r.norm(dim=-1)
+        if best_norm is None:
+            best, best_norm = w, norm
+        else:
+            better = norm < best_norm
+            best = torch.where(better[:, None], w, best)
+            best_norm = torch.where(better, norm, best_norm)
+        if k == iterations or float(best_norm.detach().max()) <= tol_mm:
+            break
+        around = x[:, None, :] + torch.stack([offsets, -offsets])[:, None]  # (2, N, D, D): +-h along axis j
+        values = sample(around.reshape(2, -1, d)).reshape(2, -1, d, d)  # [side, n, j, i]
+        jac = eye + ((values[0] - values[1]) / (2 * h)).transpose(-1, -2)  # [n, i, j] = d u_i / d x_j
+        delta, info = torch.linalg.solve_ex(jac, r[..., None])
+        delta = delta[..., 0]
+        delta = torch.where(((info == 0)[:, None]) & torch.isfinite(delta), delta, r)
+        delta = delta * (cap / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        w = w - delta
+    return best.to(u.dtype)
 
 
 def resize_field(u: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:

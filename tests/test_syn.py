@@ -16,8 +16,9 @@ from regcore import Grid, Image, read_image, register
 from regcore.config import validate_config
 from regcore.errors import InputError
 from regcore.evaluation import inverse_consistency, mean_dice
-from regcore.fields import compose_first_order, invert_displacement, resize_field, world_gradient
+from regcore.fields import compose_first_order, invert_displacement, invert_onto, resize_field, world_gradient
 from regcore.methods import method_config
+from regcore.regularizers import jacobian_determinant
 from regcore.sampling import sample_world
 from regcore.transforms.deformable import compose_displacements
 from regcore.transforms.registry import deformable_transform_class
@@ -80,6 +81,42 @@ def test_invert_displacement_inverts():
     v = invert_displacement(u, grid, iterations=50, tol_vox=1e-4)
     ic = inverse_consistency(v, u, grid)  # (id + u) o (id + v) = id
     assert ic["max_mm"] < 0.01
+
+
+def stretching_field(grid: Grid, stretch: float) -> torch.Tensor:
+    """An invertible field whose map stretches world x by up to ``1 + stretch`` in a slab:
+    ``u_x = stretch * g(y) * 3 tanh((x - x0) / 3)`` (mm, ``g`` a Gaussian bump in y), so
+    ``d(x + u_x)/dx`` lies in ``[1, 1 + stretch]``: the map is one to one."""
+    pts = grid.world_points(dtype=F64)
+    centre = torch.as_tensor(grid.center(), dtype=F64)
+    x, y = pts[..., 0] - centre[0], pts[..., 1] - centre[1]
+    u = torch.zeros(3, *grid.shape, dtype=F64)
+    u[0] = stretch * torch.exp(-(y / 8.0) ** 2) * 3.0 * torch.tanh(x / 3.0)
+    return u.float()
+
+
+def test_inversion_converges_where_the_fixed_point_diverges():
+    """A map that stretches by 3.5: the plain fixed point ``v <- -u(y + v)`` oscillates there
+    (``|grad u| > 1``), the Newton steps of :func:`invert_displacement` do not; a SyN map made
+    of such a half must not fold."""
+    grid = Grid((40, 36, 30), (1.0, 1.0, 1.0), (4.0, 0.0, -9.0), PERMUTED)
+    u = stretching_field(grid, 2.5)
+    v = -u
+    for _ in range(50):  # the fixed point alone
+        v = -sample_world(Image(u, grid), grid.world_points() + torch.movedim(v, 0, -1), padding="border")
+    plain = inverse_consistency(v, u, grid)["max_mm"]
+    assert plain > 0.1  # the case is hard: 50 fixed-point steps leave a tenth of a mm or more
+    w = invert_displacement(u, grid, iterations=20, tol_vox=0.01)
+    assert inverse_consistency(w, u, grid)["max_mm"] < 0.011  # every voxel within 0.01 voxel
+    t = SymmetricDiffeomorphism(grid)
+    t.set_halves(u, torch.zeros_like(u))  # T = (id + u)^-1: an inverse that failed would fold
+    det = jacobian_determinant(t.displacement(grid).detach()[None], spacing=grid.spacing, direction=grid.direction)
+    assert float(det.min()) > 0.2  # analytically in [1/3.5, 1]
+    other = Grid((30, 24, 20), (1.2, 1.3, 1.1), grid.center() - np.array([15.0, 14.0, 10.0]))  # identity direction
+    w = invert_onto(u, grid, other, tol_vox=0.01)  # the same, onto another grid (the export's inverse)
+    pts = other.world_points() + torch.movedim(w, 0, -1)
+    residual = w + sample_world(Image(u, grid), pts, padding="border")
+    assert float(residual.norm(dim=0).max()) < 0.0111  # 0.01 voxel of ``other``
 
 
 # --------------------------------------------------------------------------- the transform

@@ -7,7 +7,7 @@ coincides with the fixed image's box): ``to_fixed`` maps a midpoint point to the
     phi_f(m) = m + to_fixed(m),     phi_m(m) = m + to_moving(m).
 
 The fixed -> moving map is ``T = phi_m o phi_f^{-1}`` and its inverse ``phi_f o phi_m^{-1}``; the
-half-map inverses are computed by fixed-point iteration (:func:`regcore.fields.invert_displacement`).
+half-map inverses are computed by fixed-point iteration and Newton steps (:func:`regcore.fields.invert_displacement`).
 Both halves carry half of the deformation, so neither image is favoured (Avants et al. 2008,
 "Symmetric diffeomorphic image registration with cross-correlation"). The fields are fitted by
 the greedy optimiser of :mod:`regcore.greedy` (``optimizer: greedy``), which keeps each half a
@@ -34,8 +34,11 @@ class SymmetricDiffeomorphism(DeformableTransform):
 
     Args:
         grid: the fixed image's full-resolution grid (the midpoint space's box).
-        inverse_iterations: fixed-point iterations (at most) to invert a half map.
-        inverse_tol_vox: stop inverting when the voxels move by less than this on average (voxels).
+        inverse_iterations: fixed-point iterations (at most) to invert a half map, before the
+            Newton steps of :func:`regcore.fields.invert_displacement`.
+        inverse_tol_vox: the largest residual ``|v + u(y + v)|`` left at any voxel by the
+            inversion of a half map (voxels); 0.01 voxel keeps the composed map free of the folds
+            that an unconverged inverse makes.
         dtype: parameter dtype.
 
     Attributes:
@@ -45,7 +48,7 @@ class SymmetricDiffeomorphism(DeformableTransform):
 
     kind = "syn"
 
-    def __init__(self, grid: Grid, inverse_iterations: int = 20, inverse_tol_vox: float = 0.001,
+    def __init__(self, grid: Grid, inverse_iterations: int = 20, inverse_tol_vox: float = 0.01,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(grid, dtype)
         if int(inverse_iterations) != inverse_iterations or inverse_iterations < 1:
