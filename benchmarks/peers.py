@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None)
     ap.add_argument("--pairs", type=int, default=None, help="first N pairs of each case")
     ap.add_argument("--select", default=None, help="comma list of texts: keep the pairs whose name contains one (e.g. 04->03,06->05)")
-    ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temp dir)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temporary folder, removed at the end)")
     ap.add_argument("--resume", action="store_true",
                     help="read back the runs that finished in --work (same tools; cohortreg: same method and --config) instead of running them again")
     ap.add_argument("--agreement", action="store_true",
@@ -402,8 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
     args = ap.parse_args(argv)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="cohortreg-peers-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.resume and args.work is None:
+        ap.error("--resume needs --work (the folder of the earlier run)")
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        return _run(args, ap, args.work)
+    with tempfile.TemporaryDirectory(prefix="cohortreg-peers-") as temp:  # GBs of fields: not left behind
+        return _run(args, ap, Path(temp))
+
+
+def _run(args: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> int:
+    """The benchmark of :func:`main`'s arguments, the tools' outputs in ``work``."""
     if args.manifest is not None:
         pairs = manifest_pairs(args.manifest, args.pair_list)
     else:
@@ -434,8 +443,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {tool}: {python} cannot import {TOOLS[tool].requires} (pip install -e '.[peers]')", file=sys.stderr)
     print("| pair | tool | mean Dice | centroid mm | TRE mm | % Jac <= 0 | s | peak RSS GB |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- |")
-    if args.resume and args.work is None:
-        ap.error("--resume needs --work (the folder of the earlier run)")
     result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config,
                        log=lambda line: print(line, flush=True), resume=args.resume, with_agreement=args.agreement)
     print()

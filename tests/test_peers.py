@@ -105,6 +105,13 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
                      "--threads", "1", "--work", str(tmp_path / "work-select"), "--out", str(out)])
     assert rc == 0
     assert [r["pair"] for r in json.loads(out.read_text())["rows"]] == ["a->b"]  # --select keeps the named pair
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(peers.tempfile, "tempdir", str(temp))  # without --work: a temporary folder
+    assert peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--select", "a->b",
+                       "--threads", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["dice"] > 0.9
+    assert list(temp.iterdir()) == []  # ... removed at the end, not left with its fields
     with pytest.raises(SystemExit):
         peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--select", "c->d", "--out", str(out)])
 
