@@ -216,22 +216,26 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
     sampler = FieldSampler(source, target, device=u.device, dtype=u.dtype)
     tol = tol_vox * min(target.spacing)
     limit = newton_share * target.numel
+    owned = False  # whether w is this function's own tensor (else the caller's start: not written to)
     for it in range(iterations + 1):
-        new = -sampler.sample(u, w, padding="border")[0]
-        residual = ((new - w) ** 2).sum(0)  # squared, of w
-        above = residual > tol * tol
+        new = sampler.sample(u, w, padding="border")[0].neg_()
+        step = new - w  # minus the residual of w
+        above = step.square_().sum(0) > tol * tol
+        del step
         count = int(above.sum())
         if count == 0:
             return w
         if count <= limit or it == iterations:
             break
-        w = new
+        w, owned = new, True
+    del new
     index = above.nonzero()  # (N, D) tensor order (z, y, x)
     points = torch.as_tensor(target.index_to_world(), dtype=torch.float64, device=u.device)
     points = index.flip(-1).to(torch.float64) @ points[:-1, :-1].T + points[:-1, -1]
     start = torch.movedim(w, 0, -1)[above]
     polished = _newton_inverse_at_points(u, source, points, start, tol, newton_iterations)
-    w = w.clone()
+    if not owned or w.requires_grad:
+        w = w.clone()
     torch.movedim(w, 0, -1)[above] = polished
     return w
 
