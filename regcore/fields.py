@@ -201,7 +201,8 @@ def invert_onto(u: torch.Tensor, source: Grid, target: Grid, iterations: int = 5
 
 
 def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: torch.Tensor, iterations: int,
-                             tol_vox: float, newton_share: float = 0.05, newton_iterations: int = 10) -> torch.Tensor:
+                             tol_vox: float, newton_share: float = 0.05, newton_iterations: int = 10,
+                             newton_chunk: int = 1 << 18) -> torch.Tensor:
     """Solve ``w(y) + u(y + w(y)) = 0`` at the voxel centres ``y`` of ``target`` (``u`` on
     ``source``, ``w`` the start, both mm): the inverse of ``id + u`` as a field on ``target``.
 
@@ -211,7 +212,8 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
     extra sampling. The voxels still above the tolerance then take Newton steps
     (:func:`_newton_inverse_at_points`): quadratic where the fixed point converges slowly or not
     at all (a map that stretches by more than 2 along some direction), and cheap because they
-    are few. Returns ``(D, *target.shape)``.
+    are few; ``newton_chunk`` points at a time (about 100 MB for the default), so memory stays
+    bounded however many are left. Returns ``(D, *target.shape)``.
     """
     sampler = FieldSampler(source, target, device=u.device, dtype=u.dtype)
     tol = tol_vox * min(target.spacing)
@@ -233,7 +235,8 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
     points = torch.as_tensor(target.index_to_world(), dtype=torch.float64, device=u.device)
     points = index.flip(-1).to(torch.float64) @ points[:-1, :-1].T + points[:-1, -1]
     start = torch.movedim(w, 0, -1)[above]
-    polished = _newton_inverse_at_points(u, source, points, start, tol, newton_iterations)
+    polished = torch.cat([_newton_inverse_at_points(u, source, points[i:i + newton_chunk], start[i:i + newton_chunk],
+                                                    tol, newton_iterations) for i in range(0, len(points), newton_chunk)])
     if not owned or w.requires_grad:
         w = w.clone()
     torch.movedim(w, 0, -1)[above] = polished
@@ -248,8 +251,9 @@ def _newton_inverse_at_points(u: torch.Tensor, source: Grid, points: torch.Tenso
 
     The Jacobian ``I + grad u`` is taken by central differences of the interpolated ``u`` half a
     voxel either side along each world axis. Each step is at most one voxel long (a trust
-    region for voxels where the map is nearly singular), and each point keeps the iterate with
-    the smallest residual. Returns ``(N, D)``.
+    region for voxels where the map is nearly singular), each point keeps the iterate with the
+    smallest residual and stops once within ``tol_mm`` (so the points do not depend on each
+    other). Returns ``(N, D)``.
     """
     d = source.ndim
     w2n = torch.as_tensor(source.world_to_normalized(), dtype=torch.float64, device=u.device)
@@ -284,7 +288,7 @@ def _newton_inverse_at_points(u: torch.Tensor, source: Grid, points: torch.Tenso
         delta = delta[..., 0]
         delta = torch.where(((info == 0)[:, None]) & torch.isfinite(delta), delta, r)
         delta = delta * (cap / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-        w = w - delta
+        w = w - torch.where((best_norm > tol_mm)[:, None], delta, 0.0)  # a point within tol stops
     return best.to(u.dtype)
 
 

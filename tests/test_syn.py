@@ -16,7 +16,7 @@ from regcore import Grid, Image, read_image, register
 from regcore.config import validate_config
 from regcore.errors import InputError
 from regcore.evaluation import inverse_consistency, mean_dice
-from regcore.fields import compose_first_order, invert_displacement, invert_onto, resize_field, world_gradient
+from regcore.fields import _fixed_point_then_newton, compose_first_order, invert_displacement, invert_onto, resize_field, world_gradient
 from regcore.methods import method_config
 from regcore.regularizers import jacobian_determinant
 from regcore.sampling import sample_world
@@ -108,6 +108,11 @@ def test_inversion_converges_where_the_fixed_point_diverges():
     assert plain > 0.1  # the case is hard: 50 fixed-point steps leave a tenth of a mm or more
     w = invert_displacement(u, grid, iterations=20, tol_vox=0.01)
     assert inverse_consistency(w, u, grid)["max_mm"] < 0.011  # every voxel within 0.01 voxel
+    start = -u.clone()
+    whole = _fixed_point_then_newton(u, grid, grid, start, 3, 0.01)  # many voxels left to Newton ...
+    assert torch.equal(start, -u)  # (the caller's start is not written to)
+    torch.testing.assert_close(_fixed_point_then_newton(u, grid, grid, start, 3, 0.01, newton_chunk=1000), whole)  # ... in chunks
+    assert inverse_consistency(whole, u, grid)["max_mm"] < 0.011
     t = SymmetricDiffeomorphism(grid)
     t.set_halves(u, torch.zeros_like(u))  # T = (id + u)^-1: an inverse that failed would fold
     det = jacobian_determinant(t.displacement(grid).detach()[None], spacing=grid.spacing, direction=grid.direction)
