@@ -2,7 +2,9 @@
 
 Any format SimpleITK reads is accepted (NIfTI, MetaImage, NRRD, PNG/JPEG, ...); a folder is read
 as a DICOM series. Geometry (spacing, origin, direction) is carried over unchanged; SimpleITK
-already reports it in ITK's LPS world frame.
+already reports it in ITK's LPS world frame. FreeSurfer's MGH files (``.mgh``, ``.mgz``), which
+SimpleITK cannot read, are read by nibabel and handed over as a SimpleITK image, their RAS
+geometry turned into LPS.
 """
 
 from __future__ import annotations
@@ -103,10 +105,43 @@ def _check_path(path: str | Path, what: str = "image") -> Path:
     return p
 
 
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _read_mgh(path: Path) -> sitk.Image:
+    """A FreeSurfer MGH/MGZ volume as a SimpleITK image (LPS geometry, the file's voxel type).
+
+    nibabel gives the voxel-to-RAS affine of the header (scanner RAS, ``c_ras`` included);
+    ITK's world is LPS, so the affine's first two rows change sign. One frame only.
+    """
+    import nibabel  # a dependency; imported here so that other formats do not pay for it
+
+    try:
+        img = nibabel.load(str(path))
+        if not isinstance(img, nibabel.freesurfer.mghformat.MGHImage):
+            raise ValueError(f"not an MGH file ({type(img).__name__})")
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many kinds (EOFError, zlib.error, ImageFileError, ...)
+        raise InputError(f"image {str(path)!r}: cannot be read as FreeSurfer MGH ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"image {str(path)!r}: only single-frame 3D MGH volumes are supported, got shape {data.shape}")
+    affine = _RAS_TO_LPS @ np.asarray(img.affine, dtype=np.float64)[:3]
+    linear = affine[:, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)  # MGH stores big-endian
+    out = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # (x, y, z) -> (z, y, x)
+    out.SetSpacing(spacing.tolist())
+    out.SetOrigin(affine[:, 3].tolist())
+    out.SetDirection((linear / spacing).flatten().tolist())
+    return out
+
+
 def read_image(
     path: str | Path, dtype: torch.dtype | None = torch.float32, scalar: bool = False
 ) -> Image:
-    """Read an image file (any SimpleITK format) or a DICOM series folder.
+    """Read an image file (any SimpleITK format, or FreeSurfer MGH/MGZ) or a DICOM series folder.
 
     Args:
         path: a file, or a folder holding one DICOM series.
@@ -126,11 +161,14 @@ def read_image(
     if p.is_dir():
         return read_dicom_series(p, dtype=dtype, scalar=scalar)
     check_file(p)
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise InputError(f"image {str(p)!r}: cannot be read by SimpleITK ({first})") from exc
+    if p.name.lower().endswith((".mgz", ".mgh")):
+        img = _read_mgh(p)
+    else:
+        try:
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            raise InputError(f"image {str(p)!r}: cannot be read by SimpleITK ({first})") from exc
     if img.GetDimension() not in (2, 3):
         raise InputError(f"image {str(p)!r}: only 2D and 3D images are supported, got {img.GetDimension()}D {img.GetSize()}")
     check_finite(sitk.GetArrayViewFromImage(img), p)

@@ -98,3 +98,49 @@ def test_nan_check_names_the_image():
     img.data[0, 1, 1] = float("nan")
     with pytest.raises(InputError, match="scan.nii: 1 of 20 voxels"):
         img.check_finite("scan.nii")
+
+
+def _freesurfer_affine() -> np.ndarray:
+    """A FreeSurfer-conformed-like vox2ras (LIA axes), anisotropic and off-centre (RAS, mm)."""
+    return np.array([[-1.0, 0.0, 0.0, 12.5], [0.0, 0.0, 1.2, -30.0], [0.0, -0.9, 0.0, 18.0], [0, 0, 0, 1]])
+
+
+def test_freesurfer_mgz_reads_like_the_same_nifti(tmp_path):
+    """An MGZ volume (read by nibabel) and the same data and affine as NIfTI (read by SimpleITK)
+    give one grid and one array: the RAS -> LPS conversion and the axis order are right."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    affine = _freesurfer_affine()
+    intensities = rng.uniform(0, 100, (6, 7, 8)).astype(np.float32)
+    labels = rng.integers(0, 40, (6, 7, 8)).astype(np.int32)
+    for name, data, dtype in [("norm", intensities, torch.float32), ("aseg", labels, None)]:
+        nib.save(nib.MGHImage(data, affine), tmp_path / f"{name}.mgz")
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
+        mgz, nii = read_image(tmp_path / f"{name}.mgz", dtype=dtype), read_image(tmp_path / f"{name}.nii.gz", dtype=dtype)
+        assert mgz.grid.size == (6, 7, 8)
+        np.testing.assert_allclose(mgz.grid.spacing, [1.0, 0.9, 1.2], atol=1e-6)
+        np.testing.assert_allclose(mgz.grid.spacing, nii.grid.spacing, atol=1e-5)
+        np.testing.assert_allclose(mgz.grid.origin, nii.grid.origin, atol=1e-5)
+        np.testing.assert_allclose(mgz.grid.origin, [-12.5, 30.0, 18.0], atol=1e-6)  # LPS
+        np.testing.assert_allclose(np.asarray(mgz.grid.direction), np.asarray(nii.grid.direction), atol=1e-6)
+        assert mgz.data.dtype == nii.data.dtype and torch.equal(mgz.data, nii.data)
+    assert not read_image(tmp_path / "aseg.mgz", dtype=None).data.is_floating_point()  # labels stay integer
+
+
+def test_bad_freesurfer_files_give_clear_errors(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    data = np.ones((4, 5, 6), np.float32)
+    good = tmp_path / "norm.mgz"
+    nib.save(nib.MGHImage(data, _freesurfer_affine()), good)
+    cut = tmp_path / "cut.mgz"
+    cut.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(InputError, match="cut.mgz.*cannot be read as FreeSurfer MGH"):
+        read_image(cut)
+    frames = tmp_path / "frames.mgh"
+    nib.save(nib.MGHImage(np.ones((4, 5, 6, 2), np.float32), _freesurfer_affine()), frames)
+    with pytest.raises(InputError, match="frames.mgh.*single-frame 3D"):
+        read_image(frames)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.MGHImage(data, _freesurfer_affine()), tmp_path / "nan.mgz")
+    with pytest.raises(InputError, match="nan.mgz.*1 NaN or infinite"):
+        read_image(tmp_path / "nan.mgz")
