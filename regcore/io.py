@@ -131,10 +131,14 @@ def _read_mgh(path: Path) -> sitk.Image:
     linear = affine[:, :3]
     spacing = np.linalg.norm(linear, axis=0)
     data = data.astype(data.dtype.newbyteorder("="), copy=False)  # MGH stores big-endian
+    direction = linear / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(f"image {str(path)!r}: its vox2ras matrix is sheared (axes not orthogonal); "
+                         "resample it onto an orthogonal grid first (e.g. mri_convert)")
     out = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # (x, y, z) -> (z, y, x)
     out.SetSpacing(spacing.tolist())
     out.SetOrigin(affine[:, 3].tolist())
-    out.SetDirection((linear / spacing).flatten().tolist())
+    out.SetDirection(direction.flatten().tolist())
     return out
 
 

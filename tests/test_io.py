@@ -108,12 +108,14 @@ def _freesurfer_affine() -> np.ndarray:
 def test_freesurfer_mgz_reads_like_the_same_nifti(tmp_path):
     """An MGZ volume (read by nibabel) and the same data and affine as NIfTI (read by SimpleITK)
     give one grid and one array: the RAS -> LPS conversion and the axis order are right."""
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
     rng = np.random.default_rng(0)
     affine = _freesurfer_affine()
     intensities = rng.uniform(0, 100, (6, 7, 8)).astype(np.float32)
     labels = rng.integers(0, 40, (6, 7, 8)).astype(np.int32)
-    for name, data, dtype in [("norm", intensities, torch.float32), ("aseg", labels, None)]:
+    brain = rng.integers(0, 255, (6, 7, 8)).astype(np.uint8)  # norm.mgz's usual voxel type
+    for name, data, dtype in [("norm", intensities, torch.float32), ("aseg", labels, None), ("brain", brain, None)]:
         nib.save(nib.MGHImage(data, affine), tmp_path / f"{name}.mgz")
         nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
         mgz, nii = read_image(tmp_path / f"{name}.mgz", dtype=dtype), read_image(tmp_path / f"{name}.nii.gz", dtype=dtype)
@@ -128,14 +130,20 @@ def test_freesurfer_mgz_reads_like_the_same_nifti(tmp_path):
 
 
 def test_bad_freesurfer_files_give_clear_errors(tmp_path):
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
     data = np.ones((4, 5, 6), np.float32)
-    good = tmp_path / "norm.mgz"
+    good = tmp_path / "norm.mgh"  # uncompressed: the header is 284 bytes, the voxels 480
     nib.save(nib.MGHImage(data, _freesurfer_affine()), good)
-    cut = tmp_path / "cut.mgz"
-    cut.write_bytes(good.read_bytes()[:60])
-    with pytest.raises(InputError, match="cut.mgz.*cannot be read as FreeSurfer MGH"):
-        read_image(cut)
+    for name, size in [("header.mgh", 60), ("voxels.mgh", 500)]:
+        (tmp_path / name).write_bytes(good.read_bytes()[:size])
+        with pytest.raises(InputError, match=f"{name}.*cannot be read as FreeSurfer MGH"):
+            read_image(tmp_path / name)
+    sheared = _freesurfer_affine()
+    sheared[0, 1] = 0.3
+    nib.save(nib.MGHImage(data, sheared), tmp_path / "sheared.mgz")
+    with pytest.raises(InputError, match="sheared.mgz.*sheared"):
+        read_image(tmp_path / "sheared.mgz")
     frames = tmp_path / "frames.mgh"
     nib.save(nib.MGHImage(np.ones((4, 5, 6, 2), np.float32), _freesurfer_affine()), frames)
     with pytest.raises(InputError, match="frames.mgh.*single-frame 3D"):
