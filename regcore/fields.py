@@ -130,7 +130,9 @@ class FieldSampler:
     ``target`` grid, through an optional linear world map applied after the displacement:
     ``y = M (x + u(x))`` (so a moving image behind an affine stage is sampled in one pass).
 
-    The normalised coordinates are ``base + L u`` with ``base`` and ``L`` precomputed.
+    The normalised coordinates are ``L u`` plus the voxel centres' own coordinates, which are
+    affine in the index and kept as one small ramp per axis (:meth:`Grid.index_ramps`), not as a
+    dense ``(*target.shape, D)`` array (85 MB for a 1 mm brain).
     """
 
     def __init__(self, source: Grid, target: Grid, matrix: torch.Tensor | np.ndarray | None = None,
@@ -140,20 +142,23 @@ class FieldSampler:
             w2n = w2n @ torch.as_tensor(matrix, dtype=torch.float64, device=device)
         d = source.ndim
         self.ndim = d
+        self.shape = tuple(target.shape)
         self.linear = w2n[:d, :d].tolist()
-        points = target.world_points(device=device, dtype=torch.float64)
-        self.base = (points @ w2n[:d, :d].T + w2n[:d, d]).to(dtype)  # (*target.shape, D)
+        index_to_world = torch.as_tensor(target.index_to_world(), dtype=torch.float64, device=device)
+        self.ramps = target.index_ramps(w2n @ index_to_world, device, dtype)
 
     def coords(self, u: torch.Tensor | None) -> torch.Tensor:
-        """Normalised source coordinates ``(*target.shape, D)`` of ``M (x + u(x))``."""
-        if u is None:
-            return self.base
-        out = self.base.clone()
-        for i in range(self.ndim):
-            for j in range(self.ndim):
-                coef = self.linear[i][j]
-                if coef != 0.0:
-                    out[..., i].add_(u[j], alpha=coef)
+        """Normalised source coordinates ``(*target.shape, D)`` of ``M (x + u(x))`` (a new tensor)."""
+        ramp = self.ramps[0]
+        out = torch.zeros((*self.shape, self.ndim), dtype=ramp.dtype, device=ramp.device)
+        if u is not None:
+            for i in range(self.ndim):
+                for j in range(self.ndim):
+                    coef = self.linear[i][j]
+                    if coef != 0.0:
+                        out[..., i].add_(u[j], alpha=coef)
+        for ramp in self.ramps:
+            out.add_(ramp)
         return out
 
     def sample(self, data: torch.Tensor, u: torch.Tensor | None, padding: str = "zeros",
@@ -178,10 +183,12 @@ def invert_displacement(u: torch.Tensor, grid: Grid, iterations: int = 20, tol_v
     32 voxels per axis, the inverse computed on the grid downsampled by 2 (recursively), so that
     most iterations run on an eighth of the voxels; else ``-u``.
     """
-    if initial is None and coarse_start and min(grid.size) >= 32:
+    given = initial is not None
+    if not given and coarse_start and min(grid.size) >= 32:
         coarse = grid.downsample(2)
         initial = resize_field(invert_displacement(resize_field(u, grid, coarse), coarse, iterations, tol_vox), coarse, grid)
-    return _fixed_point_then_newton(u, grid, grid, -u if initial is None else initial, iterations, tol_vox)
+    return _fixed_point_then_newton(u, grid, grid, -u if initial is None else initial, iterations, tol_vox,
+                                    owned=not given)
 
 
 def invert_onto(u: torch.Tensor, source: Grid, target: Grid, iterations: int = 50,
@@ -197,12 +204,12 @@ def invert_onto(u: torch.Tensor, source: Grid, target: Grid, iterations: int = 5
     Returns ``(D, *target.shape)``.
     """
     start = -FieldSampler(source, target, device=u.device, dtype=u.dtype).sample(u, None, padding="border")[0]
-    return _fixed_point_then_newton(u, source, target, start, iterations, tol_vox)
+    return _fixed_point_then_newton(u, source, target, start, iterations, tol_vox, owned=True)
 
 
 def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: torch.Tensor, iterations: int,
-                             tol_vox: float, newton_share: float = 0.05, newton_iterations: int = 10,
-                             newton_chunk: int = 1 << 18) -> torch.Tensor:
+                             tol_vox: float, newton_share: float = 0.05, newton_iterations: int = 30,
+                             newton_chunk: int = 1 << 16, owned: bool = False) -> torch.Tensor:
     """Solve ``w(y) + u(y + w(y)) = 0`` at the voxel centres ``y`` of ``target`` (``u`` on
     ``source``, ``w`` the start, both mm): the inverse of ``id + u`` as a field on ``target``.
 
@@ -210,15 +217,17 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
     residual ``|w + u(y + w)|`` above ``tol_vox`` voxels of ``target`` (or ``iterations`` have
     run); each step's change is the residual of the field it started from, so the test costs no
     extra sampling. The voxels still above the tolerance then take Newton steps
-    (:func:`_newton_inverse_at_points`): quadratic where the fixed point converges slowly or not
-    at all (a map that stretches by more than 2 along some direction), and cheap because they
-    are few; ``newton_chunk`` points at a time (about 100 MB for the default), so memory stays
-    bounded however many are left. Returns ``(D, *target.shape)``.
+    (:func:`_newton_inverse_at_points`): a few steps where the fixed point converges slowly or
+    not at all (a map that stretches by more than 2 along some direction), and cheap because
+    they are few; ``newton_chunk`` points at a time (about 20 MB for the default, float32), so
+    memory stays bounded however many are left. ``owned``: ``w`` may be written to (else the caller's
+    start is left as it was). The result is differentiable in ``u`` through the steps taken;
+    a smaller ``tol_vox`` gives a more accurate gradient. Returns ``(D, *target.shape)``.
     """
     sampler = FieldSampler(source, target, device=u.device, dtype=u.dtype)
     tol = tol_vox * min(target.spacing)
     limit = newton_share * target.numel
-    owned = False  # whether w is this function's own tensor (else the caller's start: not written to)
+    w = w.to(u.dtype)
     for it in range(iterations + 1):
         new = sampler.sample(u, w, padding="border")[0].neg_()
         step = new - w  # minus the residual of w
@@ -226,14 +235,15 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
         del step
         count = int(above.sum())
         if count == 0:
-            return w
+            return w if owned else w.clone()  # never the caller's own tensor
         if count <= limit or it == iterations:
             break
         w, owned = new, True
     del new
     index = above.nonzero()  # (N, D) tensor order (z, y, x)
     points = torch.as_tensor(target.index_to_world(), dtype=torch.float64, device=u.device)
-    points = index.flip(-1).to(torch.float64) @ points[:-1, :-1].T + points[:-1, -1]
+    points = (index.flip(-1).to(torch.float64) @ points[:-1, :-1].T + points[:-1, -1]).to(u.dtype)
+    del index
     start = torch.movedim(w, 0, -1)[above]
     polished = torch.cat([_newton_inverse_at_points(u, source, points[i:i + newton_chunk], start[i:i + newton_chunk],
                                                     tol, newton_iterations) for i in range(0, len(points), newton_chunk)])
@@ -246,50 +256,55 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
 def _newton_inverse_at_points(u: torch.Tensor, source: Grid, points: torch.Tensor, w: torch.Tensor,
                               tol_mm: float, iterations: int) -> torch.Tensor:
     """Newton's method for ``r(w) = w + u(p + w) = 0`` at ``N`` world points ``p`` ``(N, D)``
-    (float64, mm), from ``w`` ``(N, D)`` mm; ``u`` ``(D, *source.shape)`` mm is interpolated
-    linearly, border-clamped.
+    (mm), from ``w`` ``(N, D)`` mm, in ``u``'s dtype; ``u`` ``(D, *source.shape)`` mm is
+    interpolated linearly, border-clamped.
 
     The Jacobian ``I + grad u`` is taken by central differences of the interpolated ``u`` half a
-    voxel either side along each world axis. Each step is at most one voxel long (a trust
-    region for voxels where the map is nearly singular), each point keeps the iterate with the
-    smallest residual and stops once within ``tol_mm`` (so the points do not depend on each
-    other). Returns ``(N, D)``.
+    voxel either side along each world axis. Each point has its own trust region: a step is at
+    most ``radius`` long (one voxel at first); a step that lowers the residual is taken and
+    doubles the radius (up to 64 voxels, so a start tens of mm from the root is reached in a
+    few steps), one that does not is refused and halves it. A point stops once within
+    ``tol_mm`` or when its radius falls below a thousandth of a voxel, so the points do not
+    depend on each other and only the unfinished ones are computed. Returns ``(N, D)``.
     """
-    d = source.ndim
-    w2n = torch.as_tensor(source.world_to_normalized(), dtype=torch.float64, device=u.device)
-    lin, shift = w2n[:d, :d], w2n[:d, d]
-    h = 0.5 * min(source.spacing)
-    cap = min(source.spacing)
-    offsets = torch.eye(d, dtype=torch.float64, device=u.device) * h
+    d, dev, dtype = source.ndim, u.device, u.dtype
+    w2n = torch.as_tensor(source.world_to_normalized(), dtype=torch.float64, device=dev)
+    lin, shift = w2n[:d, :d].to(dtype), w2n[:d, d].to(dtype)
+    voxel = min(source.spacing)
+    offsets = torch.eye(d, dtype=dtype, device=dev) * (0.5 * voxel)
+    eye = torch.eye(d, dtype=dtype, device=dev)
 
     def sample(at: torch.Tensor) -> torch.Tensor:  # (..., D) world -> (..., D) displacement
-        coords = at @ lin.T + shift
-        return torch.movedim(sample_normalized(u, coords, "linear", "border"), 0, -1).to(torch.float64)
+        return torch.movedim(sample_normalized(u, at @ lin.T + shift, "linear", "border"), 0, -1)
 
-    w = w.to(torch.float64)
-    eye = torch.eye(d, dtype=torch.float64, device=u.device)
-    best, best_norm = w, None
-    for k in range(iterations + 1):
-        x = points + w
-        r = w + sample(x)
-        norm = r.norm(dim=-1)
-        if best_norm is None:
-            best, best_norm = w, norm
-        else:
-            better = norm < best_norm
-            best = torch.where(better[:, None], w, best)
-            best_norm = torch.where(better, norm, best_norm)
-        if k == iterations or float(best_norm.detach().max()) <= tol_mm:
+    points = points.to(dtype)
+    w = w.to(dtype).clone()
+    r = w + sample(points + w)
+    norm = r.norm(dim=-1)
+    radius = torch.full_like(norm, voxel)
+    active = (norm > tol_mm).nonzero().flatten()
+    for _ in range(iterations):
+        if active.numel() == 0:
             break
-        around = x[:, None, :] + torch.stack([offsets, -offsets])[:, None]  # (2, N, D, D): +-h along axis j
+        p, wa, ra, na, rad = points[active], w[active], r[active], norm[active], radius[active]
+        x = p + wa
+        around = x[:, None, :] + torch.stack([offsets, -offsets])[:, None]  # (2, n, D, D): +-h along axis j
         values = sample(around.reshape(2, -1, d)).reshape(2, -1, d, d)  # [side, n, j, i]
-        jac = eye + ((values[0] - values[1]) / (2 * h)).transpose(-1, -2)  # [n, i, j] = d u_i / d x_j
-        delta, info = torch.linalg.solve_ex(jac, r[..., None])
+        jac = eye + ((values[0] - values[1]) / voxel).transpose(-1, -2)  # [n, i, j] = d u_i / d x_j
+        delta, info = torch.linalg.solve_ex(jac, ra[..., None])
         delta = delta[..., 0]
-        delta = torch.where(((info == 0)[:, None]) & torch.isfinite(delta), delta, r)
-        delta = delta * (cap / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-        w = w - torch.where((best_norm > tol_mm)[:, None], delta, 0.0)  # a point within tol stops
-    return best.to(u.dtype)
+        delta = torch.where(((info == 0)[:, None]) & torch.isfinite(delta), delta, ra)
+        delta = delta * (rad / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
+        trial = wa - delta
+        rt = trial + sample(p + trial)
+        nt = rt.norm(dim=-1)
+        better = nt < na
+        w[active] = torch.where(better[:, None], trial, wa)
+        r[active] = torch.where(better[:, None], rt, ra)
+        norm[active] = torch.where(better, nt, na)
+        radius[active] = torch.where(better, (rad * 2).clamp(max=64 * voxel), rad * 0.5)
+        active = active[(norm[active] > tol_mm) & (radius[active] > 1e-3 * voxel)]
+    return w
 
 
 def resize_field(u: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:

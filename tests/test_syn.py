@@ -124,6 +124,24 @@ def test_inversion_converges_where_the_fixed_point_diverges():
     assert float(residual.norm(dim=0).max()) < 0.0111  # 0.01 voxel of ``other``
 
 
+def test_inversion_reaches_roots_far_from_the_fixed_point():
+    """A wide slab stretched by 3.5 (2D): the diverging fixed point leaves voxels tens of mm from
+    their root, which the Newton steps' growing trust region still reaches. A float64 start for
+    a float32 field, and a start that already fits, come back as new float32 fields."""
+    grid = Grid((120, 40))
+    pts = grid.world_points(dtype=F64)
+    centre = torch.as_tensor(grid.center(), dtype=F64)
+    u = torch.zeros(2, *grid.shape, dtype=F64)
+    u[0] = 2.5 * torch.exp(-((pts[..., 1] - centre[1]) / 8.0) ** 2) * 8.0 * torch.tanh((pts[..., 0] - centre[0]) / 8.0)
+    w = invert_displacement(u, grid, iterations=20, tol_vox=0.01)
+    assert inverse_consistency(w, u, grid)["max_mm"] < 0.0101
+    u32 = u.float()
+    start = w.clone()  # float64, already within tolerance
+    again = invert_displacement(u32, grid, tol_vox=0.01, initial=start)
+    assert again.dtype == torch.float32 and again is not start and torch.equal(start, w)
+    assert inverse_consistency(again, u32, grid)["max_mm"] < 0.0101
+
+
 # --------------------------------------------------------------------------- the transform
 def test_registered_as_syn():
     assert deformable_transform_class("syn") is SymmetricDiffeomorphism

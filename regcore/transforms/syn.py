@@ -97,7 +97,7 @@ class SymmetricDiffeomorphism(DeformableTransform):
         grid = self.field_grid
         inverse = invert_displacement(first_inverse_of, grid, self.inverse_iterations, self.inverse_tol_vox)
         sampler = FieldSampler(grid, grid, device=inverse.device, dtype=inverse.dtype)
-        return inverse + sampler.sample(then, inverse, padding="border")[0]
+        return sampler.sample(then, inverse, padding="border")[0].add_(inverse)
 
     def displacement(self, grid: Grid) -> torch.Tensor:
         """``T(x) - x`` on ``grid``, ``(D, *grid.shape)`` mm (differentiable in both halves)."""
