@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .grid import Grid
-from .sampling import sample_normalized
+from .image import Image
+from .sampling import sample_normalized, sample_world
 
 __all__ = [
     "axis_gradient",
@@ -240,10 +241,7 @@ def _fixed_point_then_newton(u: torch.Tensor, source: Grid, target: Grid, w: tor
             break
         w, owned = new, True
     del new
-    index = above.nonzero()  # (N, D) tensor order (z, y, x)
-    points = torch.as_tensor(target.index_to_world(), dtype=torch.float64, device=u.device)
-    points = (index.flip(-1).to(torch.float64) @ points[:-1, :-1].T + points[:-1, -1]).to(u.dtype)
-    del index
+    points = target.index_points_to_world(above.nonzero().flip(-1)).to(u.dtype)  # nonzero: (z, y, x) order
     start = torch.movedim(w, 0, -1)[above]
     polished = torch.cat([_newton_inverse_at_points(u, source, points[i:i + newton_chunk], start[i:i + newton_chunk],
                                                     tol, newton_iterations) for i in range(0, len(points), newton_chunk)])
@@ -268,14 +266,13 @@ def _newton_inverse_at_points(u: torch.Tensor, source: Grid, points: torch.Tenso
     depend on each other and only the unfinished ones are computed. Returns ``(N, D)``.
     """
     d, dev, dtype = source.ndim, u.device, u.dtype
-    w2n = torch.as_tensor(source.world_to_normalized(), dtype=torch.float64, device=dev)
-    lin, shift = w2n[:d, :d].to(dtype), w2n[:d, d].to(dtype)
+    field = Image(u, source)
     voxel = min(source.spacing)
     offsets = torch.eye(d, dtype=dtype, device=dev) * (0.5 * voxel)
     eye = torch.eye(d, dtype=dtype, device=dev)
 
     def sample(at: torch.Tensor) -> torch.Tensor:  # (..., D) world -> (..., D) displacement
-        return torch.movedim(sample_normalized(u, at @ lin.T + shift, "linear", "border"), 0, -1)
+        return torch.movedim(sample_world(field, at, "linear", "border"), 0, -1)
 
     points = points.to(dtype)
     w = w.to(dtype).clone()
