@@ -2,7 +2,8 @@
 
     python benchmarks/peers.py --cases brain-t1 [--tools cohortreg,ants-syns,ants-syn,greedy,elastix]
         [--peer-python /path/to/peers-venv/bin/python] [--threads 2] [--repeats 1]
-        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--work DIR [--resume]] [--agreement] [--out benchmarks/results/peers.json]
+        [--method affine+syn] [--config overrides.yaml] [--pairs N] [--select 04->03,...] [--work DIR [--resume]]
+        [--reuse TOOL=earlier.json,...] [--agreement] [--out benchmarks/results/peers.json]
     python benchmarks/peers.py --manifest cohort.csv [--pair-list pairs.csv] ...
 
 Cases (``../shared/data``; ``COHORTREG_SHARED_DATA`` overrides the folder):
@@ -30,6 +31,12 @@ over the labels present in both label maps, % of fixed voxels with a non-positiv
 determinant (``regcore``'s ``jacobian_determinant`` of the whole map, direction-aware), landmark
 TRE (mm) where the case has landmarks, seconds of the registration call (median over
 ``--repeats``) and peak RSS. Prints a table, writes the rows and per-tool means as JSON.
+
+With several ``--cases`` the means are printed per case and over all pairs, each pair counted once
+(the bars of a set of cases, such as the 1 mm set ``colin-mni,labelmaps-1mm``). ``--reuse TOOL=FILE``
+reports that tool's rows of an earlier result file for the pairs it holds, as recorded and marked
+with the file's name, instead of running them again: for a peer that takes hours a pair
+(``antsRegistrationSyN[s]`` at 1 mm), beside tools that run now.
 
 ``--agreement`` adds, per pair with labels, the mean Dice between the label maps warped by every
 two tools (each repeat of a tool counted apart: run-to-run spread) and the fixed labels: where the
@@ -81,6 +88,7 @@ class Pair:
     fixed_points: np.ndarray | None = None  # (N, 3) world mm, fixed space
     moving_points: np.ndarray | None = None  # (N, 3) world mm, their partners in moving space
     extra: dict = field(default_factory=dict)
+    case: str = ""  # the --cases name it came from ("manifest" for --manifest)
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -285,19 +293,43 @@ def finished_run(outdir: Path, tool: str, cohortreg_hash: str | None) -> dict | 
     return record
 
 
+def reused_rows(sources: list[tuple[str, Path]]) -> dict[tuple[str, str], dict]:
+    """The scored rows of each (tool, earlier result file) of ``--reuse``, keyed by (pair, tool); a
+    later file wins. Failed rows are not reused. Each row records the file it came from."""
+    out: dict[tuple[str, str], dict] = {}
+    for tool, path in sources:
+        try:
+            rows = json.loads(Path(path).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--reuse {tool}={path}: not a peers.py result file ({err})") from err
+        found = [row for row in rows if row.get("tool") == tool and "error" not in row]
+        if not found:
+            raise ValueError(f"--reuse {tool}={path}: the file has no finished {tool} run")
+        for row in found:
+            out[(row["pair"], tool)] = {**row, "reused_from": Path(path).name}
+    return out
+
+
 def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str, threads: int,
               repeats: int, method: str, config: str | None, log=print, resume: bool = False,
-              with_agreement: bool = False) -> dict:
-    """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means}}``.
-    With ``resume``, runs that already finished in ``work`` are read back, not run again. With
+              with_agreement: bool = False, reused: dict[tuple[str, str], dict] | None = None) -> dict:
+    """Run every tool on every pair; returns ``{"rows": [...], "summary": {tool: means},
+    "case_summary": {case: {tool: means}}}``. With ``resume``, runs that already finished in
+    ``work`` are read back, not run again. ``reused`` rows (:func:`reused_rows`) stand in for
+    their (pair, tool) runs as recorded, and take no part in the agreement. With
     ``with_agreement``, also ``"agreement": {pair: agreement(...)}`` over every finished run
     (``tool`` for the first, ``tool#r`` for repeat ``r``) of the pairs with labels."""
     rows = []
     agreements: dict = {}
+    reused = reused or {}
     cohortreg_hash = config_hash(method_config(method, config)) if resume and "cohortreg" in tools else None
     for pair in pairs:
         fields: dict[str, Path] = {}
         for tool in tools:
+            if (pair.name, tool) in reused:
+                rows.append({**reused[(pair.name, tool)], "case": pair.case})
+                log(format_row(rows[-1]))
+                continue
             python = sys.executable if tool == "cohortreg" else peer_python
             runs = []
             for r in range(repeats):
@@ -307,7 +339,7 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
                 if "error" in runs[-1]:
                     break
                 fields[tool if r == 0 else f"{tool}#{r}"] = outdir / "displacement.nii.gz"
-            row = {"pair": pair.name, "tool": tool}
+            row = {"pair": pair.name, "tool": tool, "case": pair.case}
             if "error" in runs[-1]:
                 row["error"] = runs[-1]["error"]
             else:
@@ -320,7 +352,9 @@ def benchmark(pairs: list[Pair], tools: list[str], work: Path, peer_python: str,
             log(format_row(row))
         if with_agreement and pair.fixed_labels is not None and pair.moving_labels is not None and fields:
             agreements[pair.name] = agreement(pair, fields)
-    out = {"rows": rows, "summary": summarize(rows)}
+    out = {"rows": rows, "summary": summarize(rows),
+           "case_summary": {case: summarize([r for r in rows if r.get("case") == case])
+                            for case in dict.fromkeys(p.case for p in pairs)}}
     if with_agreement:
         out["agreement"] = agreements
     return out
@@ -367,7 +401,8 @@ def format_row(row: dict) -> str:
     dice = f"{row['dice']:.4f}" if "dice" in row else "-"
     centroid = f"{row['centroid_mm']:.2f}" if "centroid_mm" in row else "-"
     tre = f"{row['tre_mm']:.2f}" if "tre_mm" in row else "-"
-    return (f"| {row['pair']} | {row['tool']} | {dice} | {centroid} | {tre} | {row['nonpositive_jacobian_percent']:.4f} | "
+    reused = f" (from {row['reused_from']})" if "reused_from" in row else ""
+    return (f"| {row['pair']} | {row['tool']}{reused} | {dice} | {centroid} | {tre} | {row['nonpositive_jacobian_percent']:.4f} | "
             f"{row['seconds']:.1f} | {row['peak_rss_mb'] / 1024:.2f} |")
 
 
@@ -397,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the tools' outputs (default: a temporary folder, removed at the end)")
     ap.add_argument("--resume", action="store_true",
                     help="read back the runs that finished in --work (same tools; cohortreg: same method and --config) instead of running them again")
+    ap.add_argument("--reuse", default=None,
+                    help="comma list of TOOL=earlier-result.json: that tool's rows in the file, for the chosen pairs, are reported "
+                         "as recorded instead of run again (a peer that takes hours a pair); marked '(from FILE)'")
     ap.add_argument("--agreement", action="store_true",
                     help="also the mean Dice between the label maps warped by every two tools (and each repeat), and the reference")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
@@ -415,6 +453,8 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> i
     """The benchmark of :func:`main`'s arguments, the tools' outputs in ``work``."""
     if args.manifest is not None:
         pairs = manifest_pairs(args.manifest, args.pair_list)
+        for pair in pairs:
+            pair.case = "manifest"
     else:
         makers = {"brain-t1": lambda: brain_t1_pairs(SHARED), "brain-t1-1mm": lambda: brain_t1_1mm_pairs(SHARED, work),
                   "colin-mni": lambda: colin_mni_pairs(SHARED),
@@ -426,26 +466,48 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> i
                 ap.error(f"unknown case {case!r}; choose from {', '.join(makers)}")
             if not SHARED.is_dir():
                 ap.error(f"{SHARED} not found: the shared cases need ../shared/data (or use --manifest)")
-            pairs += makers[case]()[: args.pairs]
+            made = makers[case]()[: args.pairs]
+            for pair in made:
+                pair.case = case
+            pairs += made
     if args.select:
         wanted = [text.strip() for text in args.select.split(",") if text.strip()]
         pairs = [p for p in pairs if any(text in p.name for text in wanted)]
         if not pairs:
             ap.error(f"--select {args.select!r} matches no pair")
-    tools = []
-    for tool in args.tools.split(","):
+    asked = args.tools.split(",")
+    for tool in asked:
         if tool not in TOOLS:
             ap.error(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
+    sources = []
+    for spec in (args.reuse or "").split(","):
+        if spec.strip():
+            tool, sep, path = spec.strip().partition("=")
+            if not sep or tool not in asked:
+                ap.error(f"--reuse {spec!r}: write TOOL=FILE, with TOOL one of --tools ({', '.join(asked)})")
+            sources.append((tool, Path(path)))
+    try:
+        reused = reused_rows(sources)
+    except ValueError as err:
+        ap.error(str(err))
+    names = {p.name for p in pairs}
+    tools = []
+    for tool in asked:
         python = sys.executable if tool == "cohortreg" else args.peer_python
-        if interpreter_has(python, TOOLS[tool].requires):
-            tools.append(tool)
+        if all((name, tool) in reused for name in names) or interpreter_has(python, TOOLS[tool].requires):
+            tools.append(tool)  # every pair reused: the tool need not be installed
         else:
             print(f"skipping {tool}: {python} cannot import {TOOLS[tool].requires} (pip install -e '.[peers]')", file=sys.stderr)
     print("| pair | tool | mean Dice | centroid mm | TRE mm | % Jac <= 0 | s | peak RSS GB |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- |")
     result = benchmark(pairs, tools, work, args.peer_python, args.threads, args.repeats, args.method, args.config,
-                       log=lambda line: print(line, flush=True), resume=args.resume, with_agreement=args.agreement)
+                       log=lambda line: print(line, flush=True), resume=args.resume, with_agreement=args.agreement,
+                       reused=reused)
     print()
+    if len(result["case_summary"]) > 1:
+        for case, summary in result["case_summary"].items():
+            print(f"{case}:\n{format_summary(summary)}\n")
+        print(f"all {len(pairs)} pairs ({args.cases}), each pair counted once:")
     print(format_summary(result["summary"]))
     if args.agreement and not result["agreement"]:
         print("\n--agreement: no pair has label maps on both sides, nothing to compare", file=sys.stderr)
@@ -454,7 +516,7 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> i
         print(f"\nagreement (mean over {result['agreement_mean'].get('pairs', 0)} pairs): mean Dice between warped label maps")
         print(format_agreement(result["agreement_mean"]))
     result.update(cases=args.cases if args.manifest is None else str(args.manifest), threads=args.threads,
-                  repeats=args.repeats, method=args.method, config=args.config, tools={t: TOOLS[t].description for t in tools},
+                  repeats=args.repeats, method=args.method, config=args.config, reuse=args.reuse, tools={t: TOOLS[t].description for t in tools},
                   torch=torch.__version__, host=os.uname().nodename, date=time.strftime("%Y-%m-%d %H:%M"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -91,6 +91,28 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
                         "--work", str(tmp_path / "work"), "--resume", "--out", str(again)])
     assert [r["dice"] for r in json.loads(again.read_text())["rows"]] == [r["dice"] for r in rows]
 
+    earlier = tmp_path / "earlier.json"  # --reuse: a peer's rows from an earlier result file, not run again
+    earlier.write_text(json.dumps({"rows": [
+        {"pair": "b->a", "tool": "ants-syns", "dice": 0.5, "nonpositive_jacobian_percent": 0.0, "seconds": 3000.0, "peak_rss_mb": 900.0},
+        {"pair": "a->b", "tool": "ants-syns", "dice": 0.7, "nonpositive_jacobian_percent": 0.01, "seconds": 1000.0, "peak_rss_mb": 800.0},
+        {"pair": "a->b", "tool": "greedy", "error": "crashed"}]}))
+    with monkeypatch.context() as patch:
+        patch.setattr(peers, "run_tool", no_new_runs)
+        mixed = tmp_path / "mixed.json"
+        assert peers.main(["--manifest", str(manifest), "--tools", "cohortreg,ants-syns", "--method", "affine", "--threads", "1",
+                           "--work", str(tmp_path / "work"), "--resume", "--reuse", f"ants-syns={earlier}", "--out", str(mixed)]) == 0
+    result = json.loads(mixed.read_text())
+    reused = [r for r in result["rows"] if r["tool"] == "ants-syns"]
+    assert [(r["pair"], r["dice"], r["reused_from"]) for r in reused] == [("b->a", 0.5, "earlier.json"), ("a->b", 0.7, "earlier.json")]
+    assert result["summary"]["ants-syns"]["dice"] == pytest.approx(0.6)
+    assert result["summary"]["ants-syns"]["worst_nonpositive_jacobian_percent"] == 0.01
+    assert result["summary"]["cohortreg"]["dice"] == pytest.approx(np.mean([r["dice"] for r in rows]))
+    assert result["case_summary"] == {"manifest": result["summary"]}
+    assert "(from earlier.json)" in peers.format_row(reused[0])
+    for bad in (f"cohortreg={manifest}", f"greedy={earlier}", str(earlier), f"ants-syns={earlier}"):  # a clear error, nothing
+        with pytest.raises(SystemExit):  # run: not a result file, no finished greedy run, no TOOL=, a tool not in --tools
+            peers.main(["--manifest", str(manifest), "--tools", "cohortreg,greedy", "--reuse", bad, "--out", str(mixed)])
+
     agreed = tmp_path / "agreement.json"  # --agreement: the reference row holds each tool's score
     assert peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "affine", "--threads", "1",
                        "--work", str(tmp_path / "work"), "--resume", "--agreement", "--out", str(agreed)]) == 0
@@ -114,6 +136,20 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
     assert list(temp.iterdir()) == []  # ... removed at the end, not left with its fields
     with pytest.raises(SystemExit):
         peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--select", "c->d", "--out", str(out)])
+
+
+def test_several_cases_are_summarised_per_case_and_over_all_pairs(tmp_path):
+    pairs = [peers.Pair(name, tmp_path / "f", tmp_path / "m", case=case)
+             for name, case in (("x1", "colin-mni"), ("y1", "labelmaps-1mm"), ("y2", "labelmaps-1mm"))]
+    dice = {"x1": 0.9, "y1": 0.8, "y2": 0.7}
+    reused = {(name, "ants-syns"): {"pair": name, "tool": "ants-syns", "dice": d, "nonpositive_jacobian_percent": 0.0,
+                                    "seconds": 10.0, "peak_rss_mb": 100.0} for name, d in dice.items()}
+    out = peers.benchmark(pairs, ["ants-syns"], tmp_path, sys.executable, 1, 1, "affine", None, log=lambda line: None,
+                          reused=reused)
+    assert out["case_summary"]["colin-mni"]["ants-syns"]["dice"] == pytest.approx(0.9)
+    assert out["case_summary"]["labelmaps-1mm"]["ants-syns"]["dice"] == pytest.approx(0.75)
+    assert out["summary"]["ants-syns"]["dice"] == pytest.approx(0.8)  # each pair once, not the mean of the cases
+    assert [r["case"] for r in out["rows"]] == ["colin-mni", "labelmaps-1mm", "labelmaps-1mm"]
 
 
 def _write_field(tmp_path: Path, fixed: Path, shift, name: str) -> Path:
