@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .grid import Grid
 from .image import Image
 from .sampling import sample_normalized, sample_world
+from .slabs import slab_ranges, worth_slabs
 
 __all__ = [
     "axis_gradient",
@@ -120,10 +121,22 @@ def compose_first_order(u: torch.Tensor, step: torch.Tensor, grid: Grid) -> torc
     c = _component_dim(u, grid)
     along = to_axes(step, grid)
     out = u + step
-    for k in range(grid.ndim):  # index axis k is the k-th tensor dim from the end
-        weight = along.select(c, k).unsqueeze(c) * (0.5 / grid.spacing[k])
-        out.addcmul_(_central_difference(u, u.dim() - 1 - k), weight)
+    if grid.ndim == 3 and worth_slabs(u):  # the same terms in the same order, slab by slab
+        for axes, across in (((0, 1), u.dim() - 3), ((2,), u.dim() - 2)):  # x and y across z, then z across y
+            for start, width in slab_ranges(u, across):
+                _add_derivative_terms(out.narrow(across, start, width), u.narrow(across, start, width),
+                                      along.narrow(across, start, width), c, axes, grid.spacing)
+        return out
+    _add_derivative_terms(out, u, along, c, range(grid.ndim), grid.spacing)
     return out
+
+
+def _add_derivative_terms(out: torch.Tensor, u: torch.Tensor, along: torch.Tensor, c: int, axes, spacing) -> None:
+    """``out += (d u / d axis_k) along_k`` for the index axes ``k`` in ``axes`` (axis k is the k-th
+    tensor dim from the end; central differences, one-sided at the ends)."""
+    for k in axes:
+        weight = along.select(c, k).unsqueeze(c) * (0.5 / spacing[k])
+        out.addcmul_(_central_difference(u, u.dim() - 1 - k), weight)
 
 
 class FieldSampler:

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from regcore.errors import InputError
 from regcore.masks import prepare_mask
+from regcore.slabs import slab_ranges, worth_slabs
 
 __all__ = ["window_sum", "window_count", "local_cc", "local_cc_gradients"]
 
@@ -45,14 +46,27 @@ __all__ = ["window_sum", "window_count", "local_cc", "local_cc_gradients"]
 def window_sum(x: Tensor, radius: int, ndim: int) -> Tensor:
     """Sum of ``x`` over the ``(2 radius + 1)`` box around every voxel of its last ``ndim`` dims
     (zeros outside the image): running sums by shifted in-place adds, ``O(radius)`` per voxel."""
-    for dim in range(x.dim() - ndim, x.dim()):
-        n = x.shape[dim]
-        out = x.clone()
-        for s in range(1, min(radius, n - 1) + 1):
-            out.narrow(dim, s, n - s).add_(x.narrow(dim, 0, n - s))
-            out.narrow(dim, 0, n - s).add_(x.narrow(dim, s, n - s))
-        x = out
+    first = x.dim() - ndim
+    for dim in range(first, x.dim()):
+        if ndim == 3 and worth_slabs(x):  # the same adds, slab by slab (regcore.slabs)
+            across = first if dim != first else first + 1
+            out = torch.empty_like(x)
+            for start, width in slab_ranges(x, across):
+                _window_sum_axis(x.narrow(across, start, width), dim, radius, out.narrow(across, start, width))
+            x = out
+        else:
+            x = _window_sum_axis(x, dim, radius, torch.empty_like(x))
     return x
+
+
+def _window_sum_axis(x: Tensor, dim: int, radius: int, out: Tensor) -> Tensor:
+    """``out[i] = sum_{|j| <= radius} x[i + j]`` along ``dim`` (zeros outside), written into ``out``."""
+    n = x.shape[dim]
+    out.copy_(x)
+    for s in range(1, min(radius, n - 1) + 1):
+        out.narrow(dim, s, n - s).add_(x.narrow(dim, 0, n - s))
+        out.narrow(dim, 0, n - s).add_(x.narrow(dim, s, n - s))
+    return out
 
 
 def window_count(shape: tuple[int, ...], radius: int, dtype: torch.dtype, device: torch.device) -> Tensor:
