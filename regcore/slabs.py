@@ -19,10 +19,11 @@ SLAB_BYTES = 4 << 20  # about the share of the last-level cache one core can cou
 
 
 def worth_slabs(x: torch.Tensor) -> bool:
-    """Whether ``x`` (3D spatial, at least 4 dims in all) is large enough for slabs to pay (over 2
-    slabs: a 2 mm brain's field, 3 x 5 MB, gains about 6 % of a pair's time), and is not being
-    differentiated (the slabs write into views of a new tensor)."""
-    return (x.dim() >= 4 and x.numel() * x.element_size() > 2 * SLAB_BYTES
+    """Whether ``x`` (3D spatial, at least 4 dims in all) is on the CPU, large enough for slabs to
+    pay (over 2 slabs: a 2 mm brain's field, 3 x 5 MB, gains about 6 % of a pair's time), and not
+    being differentiated (the slabs write into views of a new tensor). On a GPU, slabs would only
+    multiply kernel launches: whole-volume passes there."""
+    return (x.device.type == "cpu" and x.dim() >= 4 and x.numel() * x.element_size() > 2 * SLAB_BYTES
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 

@@ -25,6 +25,8 @@ def field() -> torch.Tensor:
 
 def test_slabs_cover_the_volume_once(field):
     assert worth_slabs(field) and not worth_slabs(field[:1, :40])
+    assert not worth_slabs(torch.empty(field.shape, device="meta"))  # not on the CPU: whole-volume passes
+    assert not worth_slabs(field.clone().requires_grad_(True))  # differentiated: whole-volume passes
     for across in (1, 2):
         ranges = list(slab_ranges(field, across))
         assert len(ranges) > 4
