@@ -299,14 +299,17 @@ def reused_rows(sources: list[tuple[str, Path]]) -> dict[tuple[str, str], dict]:
     out: dict[tuple[str, str], dict] = {}
     for tool, path in sources:
         try:
-            rows = json.loads(Path(path).read_text())["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"--reuse {tool}={path}: not a peers.py result file ({err})") from err
-        found = [row for row in rows if row.get("tool") == tool and "error" not in row]
+            result = json.loads(Path(path).read_text())
+            found = [row for row in result["rows"] if row.get("tool") == tool and "error" not in row]
+            pairs = [str(row["pair"]) for row in found]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"--reuse {tool}={path}: not a peers.py result file ({err!r})") from err
         if not found:
             raise ValueError(f"--reuse {tool}={path}: the file has no finished {tool} run")
-        for row in found:
-            out[(row["pair"], tool)] = {**row, "reused_from": Path(path).name}
+        settings = {key: result.get(key) for key in ("method", "config", "threads", "host", "date")}
+        for name, row in zip(pairs, found):  # a row reused before keeps its first source
+            out[(name, tool)] = {**row, "reused_from": row.get("reused_from", Path(path).name),
+                                 "reused_settings": row.get("reused_settings", settings)}
     return out
 
 
@@ -490,6 +493,11 @@ def _run(args: argparse.Namespace, ap: argparse.ArgumentParser, work: Path) -> i
         reused = reused_rows(sources)
     except ValueError as err:
         ap.error(str(err))
+    for (name, tool), row in reused.items():  # cohortreg's rows stand in only for the same method and overrides
+        settings = row["reused_settings"]
+        if tool == "cohortreg" and (settings["method"], settings["config"]) != (args.method, args.config):
+            ap.error(f"--reuse cohortreg: {row['reused_from']} ran --method {settings['method']} --config {settings['config']}, "
+                     f"not {args.method} / {args.config}")
     names = {p.name for p in pairs}
     tools = []
     for tool in asked:

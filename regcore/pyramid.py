@@ -68,7 +68,7 @@ def gaussian_smooth(data: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
 def _smooth_axis_in_slabs(x: torch.Tensor, dim: int, kernel: list[float]) -> torch.Tensor:
     """:func:`_smooth_axis` of a ``(C, *shape)`` volume, slab by slab (:mod:`regcore.slabs`), cut
     along the outermost spatial dim other than ``dim`` (a 1 mm field: about 1.3x faster on 2 cores)."""
-    if not worth_slabs(x):
+    if not worth_slabs(x) or not x.is_floating_point():  # integer data: the whole pass promotes to float
         return _smooth_axis(x, dim, kernel)
     across = 1 if dim != 1 else 2
     out = torch.empty_like(x)

@@ -109,6 +109,14 @@ def test_harness_end_to_end_with_cohortreg_alone(tmp_path, monkeypatch):
     assert result["summary"]["cohortreg"]["dice"] == pytest.approx(np.mean([r["dice"] for r in rows]))
     assert result["case_summary"] == {"manifest": result["summary"]}
     assert "(from earlier.json)" in peers.format_row(reused[0])
+    assert reused[0]["reused_settings"]["method"] is None  # the earlier file's settings travel with its rows
+    again_reused = tmp_path / "again-reused.json"  # reusing a file of reused rows keeps the first source
+    assert peers.main(["--manifest", str(manifest), "--tools", "ants-syns", "--reuse", f"ants-syns={mixed}",
+                       "--out", str(again_reused)]) == 0
+    assert {r["reused_from"] for r in json.loads(again_reused.read_text())["rows"]} == {"earlier.json"}
+    with pytest.raises(SystemExit):  # cohortreg's rows of another method are not reported as this one's
+        peers.main(["--manifest", str(manifest), "--tools", "cohortreg", "--method", "rigid", "--reuse", f"cohortreg={mixed}",
+                    "--out", str(again_reused)])
     for bad in (f"cohortreg={manifest}", f"greedy={earlier}", str(earlier), f"ants-syns={earlier}"):  # a clear error, nothing
         with pytest.raises(SystemExit):  # run: not a result file, no finished greedy run, no TOOL=, a tool not in --tools
             peers.main(["--manifest", str(manifest), "--tools", "cohortreg,greedy", "--reuse", bad, "--out", str(mixed)])

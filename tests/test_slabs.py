@@ -43,6 +43,13 @@ def test_gaussian_smoothing_in_slabs_matches_scipy(field):
     assert np.abs(out.numpy() - expected).max() < 1e-5
 
 
+def test_integer_volumes_are_smoothed_to_float_at_any_size():
+    labels = torch.randint(0, 5, (1, 130, 130, 130), dtype=torch.int32)  # 8.8 MB: large enough for slabs
+    out = gaussian_smooth(labels, [1.0, 1.0, 1.0])
+    assert out.is_floating_point()
+    assert torch.allclose(out, gaussian_smooth(labels.float(), [1.0, 1.0, 1.0]))
+
+
 def test_first_order_composition_in_slabs_matches_numpy(field):
     spacing = (1.0, 1.2, 0.8)  # (x, y, z) mm
     grid = Grid(tuple(reversed(SHAPE)), spacing, (0.0, 0.0, 0.0))
