@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .grid import Grid
 from .image import Image
-from .slabs import slab_ranges, worth_slabs
+from .slabs import along_axis_in_slabs, worth_slabs
 
 __all__ = ["gaussian_kernel1d", "gaussian_smooth", "downsample", "build_pyramid"]
 
@@ -70,11 +70,7 @@ def _smooth_axis_in_slabs(x: torch.Tensor, dim: int, kernel: list[float]) -> tor
     along the outermost spatial dim other than ``dim`` (a 1 mm field: about 1.3x faster on 2 cores)."""
     if not worth_slabs(x) or not x.is_floating_point():  # integer data: the whole pass promotes to float
         return _smooth_axis(x, dim, kernel)
-    across = 1 if dim != 1 else 2
-    out = torch.empty_like(x)
-    for start, width in slab_ranges(x, across):
-        _smooth_axis(x.narrow(across, start, width), dim, kernel, out=out.narrow(across, start, width))
-    return out
+    return along_axis_in_slabs(x, dim, 1, lambda part, out: _smooth_axis(part, dim, kernel, out=out))
 
 
 def downsample(image: Image, factor: float, min_size: int = 8) -> Image:

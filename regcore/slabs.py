@@ -9,11 +9,11 @@ the vectorised and the scalar code paths of an add may round apart (about 1e-7 r
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["SLAB_BYTES", "worth_slabs", "slab_ranges"]
+__all__ = ["SLAB_BYTES", "worth_slabs", "slab_ranges", "along_axis_in_slabs"]
 
 SLAB_BYTES = 4 << 20  # about the share of the last-level cache one core can count on
 
@@ -34,3 +34,15 @@ def slab_ranges(x: torch.Tensor, across: int) -> Iterator[tuple[int, int]]:
     width = max(1, int(SLAB_BYTES // max(1, x.numel() // n * x.element_size())))
     for start in range(0, n, width):
         yield start, min(width, n - start)
+
+
+def along_axis_in_slabs(x: torch.Tensor, dim: int, first: int,
+                        write: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
+    """A new tensor like ``x`` filled by ``write(x_slab, out_slab)`` for work along ``dim`` that
+    needs no neighbours across the cut: slabs cut along the outermost spatial dim other than
+    ``dim`` (``first`` is the first spatial dim)."""
+    across = first if dim != first else first + 1
+    out = torch.empty_like(x)
+    for start, width in slab_ranges(x, across):
+        write(x.narrow(across, start, width), out.narrow(across, start, width))
+    return out

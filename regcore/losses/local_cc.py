@@ -38,7 +38,7 @@ from torch import Tensor
 
 from regcore.errors import InputError
 from regcore.masks import prepare_mask
-from regcore.slabs import slab_ranges, worth_slabs
+from regcore.slabs import along_axis_in_slabs, worth_slabs
 
 __all__ = ["window_sum", "window_count", "local_cc", "local_cc_gradients"]
 
@@ -49,11 +49,7 @@ def window_sum(x: Tensor, radius: int, ndim: int) -> Tensor:
     first = x.dim() - ndim
     for dim in range(first, x.dim()):
         if ndim == 3 and worth_slabs(x):  # the same adds, slab by slab (regcore.slabs)
-            across = first if dim != first else first + 1
-            out = torch.empty_like(x)
-            for start, width in slab_ranges(x, across):
-                _window_sum_axis(x.narrow(across, start, width), dim, radius, out.narrow(across, start, width))
-            x = out
+            x = along_axis_in_slabs(x, dim, first, lambda part, out: _window_sum_axis(part, dim, radius, out))
         else:
             x = _window_sum_axis(x, dim, radius, torch.empty_like(x))
     return x
